@@ -1,0 +1,26 @@
+"""What can go wrong with an adapter. The server maps each class to one HTTP status."""
+
+
+class AdapterError(Exception):
+    """Base class; `param` names the request field the problem is about, when there is one."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter (or no such version) answers to this name."""
+
+
+class AdapterInvalid(AdapterError):
+    """The files are not an adapter we can serve: bad format, unsupported type, bad tensors."""
+
+
+class AdapterIncompatible(AdapterError):
+    """A well-formed adapter, but trained for another base model."""
+
+
+class InvalidName(AdapterError):
+    """A name outside [a-z0-9][a-z0-9._-]{0,63}."""

@@ -1,0 +1,1 @@
+"""hotpeft.server: HTTP app, engine, base model, CLI."""

@@ -1,0 +1,36 @@
+"""The FastAPI application. `create_app(settings)`; the model loads in the lifespan, not at import."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from hotpeft.server.config import Settings
+from hotpeft.server.errors import install_error_handlers
+from hotpeft.server.routes import api_router
+from hotpeft.server.runtime import build_runtime
+
+log = logging.getLogger("hotpeft.server")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Loading takes seconds: keep it off the event loop so the process stays responsive.
+        runtime = await asyncio.to_thread(build_runtime, settings)
+        runtime.engine.start()
+        app.state.runtime = runtime
+        log.info("serving %s and %d adapter(s)", runtime.base.model_id, len(runtime.catalog.active()))
+        try:
+            yield
+        finally:
+            runtime.engine.stop()
+
+    app = FastAPI(title="hotpeft", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(api_router)
+    return app

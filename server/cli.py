@@ -1,0 +1,73 @@
+"""The `hotpeft` command. `hotpeft --help` lists the subcommands; each flag is also HOTPEFT_<NAME>."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def _serve_parser(sub) -> None:
+    from hotpeft.server.config import Settings
+
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server on the base model and its adapters",
+                       description="Start the server. Every flag can also be set as HOTPEFT_<FLAG> "
+                                   "(e.g. HOTPEFT_QUANTIZE=nf4); flags win over the environment.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "HOTPEFT_" + name.upper()
+        default = field.default
+        help_text = f"{field.description} (env {env}; default {default})"
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def _settings_from(args: argparse.Namespace):
+    from hotpeft.server.config import Settings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command",) and v is not None}
+    return Settings(**given)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hotpeft.server.app import create_app
+    from hotpeft.server.basemodel import ModelUnavailable
+
+    try:
+        settings = _settings_from(args)
+    except ValidationError as e:
+        for err in e.errors():
+            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"hotpeft serve: {flag}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except ModelUnavailable as e:
+        print(f"hotpeft serve: {e}", file=sys.stderr)
+        return 2
+    # uvicorn swallows lifespan failures and exits its loop; report them as a failed start.
+    return 0 if server.started else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hotpeft", description="hotpeft: one resident base model, many PEFT adapters.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return {"serve": serve}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Server settings: one pydantic BaseSettings; env vars HOTPEFT_<NAME>; CLI flags map onto the same fields."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hotpeft.server.basemodel import DEFAULT_MODEL_ID
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOTPEFT_", extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL_ID, description="base model: the embedded default id, a local HF model directory, or a hub id")
+    quantize: Literal["auto", "none", "int8", "nf4"] = Field(
+        "auto", description="resident precision of the base: auto = nf4 on CUDA, none on the CPU"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype: auto = bfloat16 on CUDA and on CPUs with native bf16, else float32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
+    home: Path = Field(Path("~/.hotpeft"), description="home directory: model cache, adapters, registry, logs")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=1, le=65535, description="port to bind")
+    adapters_dir: Path | None = Field(None, description="folder of PEFT adapter folders to register at start-up, named by folder")
+    max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
+    max_n: int = Field(8, ge=1, le=128, description="largest `n` (choices per request) accepted")
+    max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
+    allow_foreign_base: bool = Field(False, description="serve adapters whose config names another base model")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("home", "adapters_dir")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(v).expanduser()
+
+    @field_validator("adapters_dir")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"--adapters-dir {v} is not a directory")
+        return v

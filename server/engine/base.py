@@ -1,0 +1,98 @@
+"""The engine boundary: what the HTTP layer submits and what it gets back.
+
+The HTTP layer builds a `GenerationRequest` (token ids, the resolved adapter, sampling
+parameters), calls `Engine.generate`, and iterates `TokenEvent`s. It never sees a tensor.
+Leaving the iteration early (a client that went away) cancels the request.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from hotpeft.adapters.catalog import AdapterVersion
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterVersion | None = None  # None: the bare base
+    request_id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass
+class TokenEvent:
+    text: str  # new final text (may be empty while text is held back)
+    token_ids: list[int]  # tokens sampled since the previous event
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None  # set when the request failed inside the engine
+
+
+class Engine(abc.ABC):
+    """One owner of the model; requests in, token streams out."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, sink: "EventSink") -> None:
+        """Queue a request; its events go to `sink` from the engine's thread."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; its resources are freed within one step. Idempotent."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict: ...
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and stream events. Closing the iterator early cancels the request."""
+        sink = EventSink(asyncio.get_running_loop())
+        self.submit(request, sink)
+        finished = False
+        try:
+            while True:
+                event = await sink.queue.get()
+                if event.error is not None:
+                    finished = True
+                    raise event.error
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+
+class EventSink:
+    """Hands events from the engine thread to one request's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+    def put(self, event: TokenEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass

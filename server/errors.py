@@ -1,0 +1,89 @@
+"""Domain errors and their one mapping to HTTP in OpenAI's error shape."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, InvalidName
+from hotpeft.server.engine.serial import EngineFailure
+
+log = logging.getLogger("hotpeft.http")
+
+
+class InvalidRequest(Exception):
+    """A request that is well-formed JSON but asks for something we refuse (400)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+# class -> (status, type, code)
+_STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
+    (AdapterNotFound, 404, "invalid_request_error", "model_not_found"),
+    (InvalidName, 400, "invalid_request_error", "invalid_name"),
+    (AdapterIncompatible, 409, "invalid_request_error", "adapter_incompatible"),
+    (AdapterInvalid, 400, "invalid_request_error", "adapter_invalid"),
+    (AdapterError, 400, "invalid_request_error", None),
+    (InvalidRequest, 400, "invalid_request_error", None),
+    (EngineFailure, 500, "server_error", "engine_failure"),
+]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe(exc: BaseException) -> tuple[int, dict]:
+    """Status and OpenAI-shaped body for any exception (used by handlers and by SSE streams)."""
+    for cls, status, type_, code in _STATUS:
+        if isinstance(exc, cls):
+            message = getattr(exc, "message", str(exc))
+            return status, error_body(message, type_, getattr(exc, "param", None), getattr(exc, "code", None) or code)
+    return 500, error_body("internal server error", "server_error", None, "internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return f"We could not parse the JSON body of your request: {err.get('ctx', {}).get('error', err['msg'])}", None
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {'.'.join(loc)}", ".".join(loc)
+    if err.get("type") == "missing":
+        return f"Missing required parameter: '{'.'.join(loc)}'", ".".join(loc)
+    if not loc:
+        return msg, None
+    return f"Invalid value for '{'.'.join(loc)}': {msg}", ".".join(loc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param, None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers)
+
+    async def _domain(_: Request, exc: Exception):
+        status, body = describe(exc)
+        if status >= 500:
+            log.error("request failed: %s", exc)
+        return JSONResponse(body, status_code=status)
+
+    for cls, *_ in _STATUS:
+        app.add_exception_handler(cls, _domain)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        status, body = describe(exc)
+        return JSONResponse(body, status_code=status)

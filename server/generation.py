@@ -1,0 +1,140 @@
+"""From a validated API request to engine requests and back: templates, limits, choices.
+
+No tensors here: prompts become token-id lists, the engine does the rest.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hotpeft.adapters.catalog import Resolved
+from hotpeft.server.engine.base import GenerationRequest, SamplingParams, TokenEvent
+from hotpeft.server.errors import InvalidRequest
+from hotpeft.server.runtime import Runtime
+from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Prepared:
+    resolved: Resolved
+    prompts: list[list[int]]  # token ids, one list per prompt
+    n: int
+    params: list[SamplingParams]  # one per prompt (max_tokens may differ with the prompt's length)
+
+    def requests(self) -> list[GenerationRequest]:
+        """n requests per prompt, in choice order (prompt-major)."""
+        out = []
+        for ids, params in zip(self.prompts, self.params):
+            for j in range(self.n):
+                seed = None if params.seed is None else params.seed + j
+                p = SamplingParams(params.max_tokens, params.temperature, params.top_p, seed, params.stop)
+                out.append(GenerationRequest(list(ids), p, self.resolved.adapter))
+        return out
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts) * self.n
+
+
+def _check_common(rt: Runtime, req) -> None:
+    s = rt.settings
+    if req.n > s.max_n:
+        raise InvalidRequest(f"n={req.n} is above this server's limit of {s.max_n} (--max-n)", param="n")
+    if len(req.stop) > s.max_stop:
+        raise InvalidRequest(f"{len(req.stop)} stop sequences given; the limit is {s.max_stop} (--max-stop)", param="stop")
+
+
+def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
+    limit = rt.base.max_model_len
+    used = prompt_len + virtual
+    max_tokens = req.token_limit
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    if used >= limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, your prompt is {used} tokens"
+            + (f" ({prompt_len} in the prompt, {virtual} virtual tokens of the adapter)" if virtual else "")
+            + ", which leaves no room for a completion.",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt", code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = limit - used
+    elif used + max_tokens > limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, you requested {used + max_tokens} tokens "
+            f"({used} in the prompt, {max_tokens} in the completion). Please reduce the prompt or {param}.",
+            param=param, code="context_length_exceeded",
+        )
+    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop))
+
+
+def _virtual_tokens(resolved: Resolved) -> int:
+    return 0 if resolved.adapter is None else resolved.adapter.adapter.num_virtual_tokens
+
+
+def prepare_chat(rt: Runtime, req: ChatCompletionRequest) -> Prepared:
+    _check_common(rt, req)
+    resolved = rt.catalog.resolve(req.model)
+    template = resolved.adapter.adapter.chat_template if resolved.adapter else None
+    tok = rt.tokenizer
+    if template is None and not getattr(tok, "chat_template", None):
+        raise InvalidRequest(f"model {req.model!r} has no chat template; use /v1/completions", param="model")
+    conversation = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+    ]
+    try:
+        text = tok.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template may raise anything (it is user-supplied Jinja)
+        raise InvalidRequest(f"the chat template could not render these messages: {e}", param="messages") from e
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return Prepared(resolved, [ids], req.n, [_params(rt, req, len(ids), _virtual_tokens(resolved))])
+
+
+def prepare_completion(rt: Runtime, req: CompletionRequest) -> Prepared:
+    _check_common(rt, req)
+    resolved = rt.catalog.resolve(req.model)
+    tok = rt.tokenizer
+    prompts, params = [], []
+    for i, text in enumerate(req.prompts):
+        ids = tok(text)["input_ids"]
+        if not ids:
+            if tok.bos_token_id is None:
+                raise InvalidRequest("prompt must not be empty", param="prompt" if len(req.prompts) == 1 else f"prompt.{i}")
+            ids = [tok.bos_token_id]
+        prompts.append(ids)
+        params.append(_params(rt, req, len(ids), _virtual_tokens(resolved)))
+    return Prepared(resolved, prompts, req.n, params)
+
+
+async def run_choices(rt: Runtime, prepared: Prepared) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """All choices at once, merged as their events arrive: (choice index, event).
+
+    Leaving the iteration early cancels every choice still running in the engine.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async for event in rt.engine.generate(request):
+                await queue.put((index, event))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests())]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,8 @@
+"""All routers, gathered."""
+from fastapi import APIRouter
+
+from hotpeft.server.routes import openai, ops
+
+api_router = APIRouter()
+api_router.include_router(ops.router)
+api_router.include_router(openai.router)

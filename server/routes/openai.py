@@ -1,0 +1,180 @@
+"""OpenAI-compatible routes: models, chat completions, completions (streaming and not)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from hotpeft.adapters.errors import AdapterNotFound
+from hotpeft.server.deps import RuntimeDep
+from hotpeft.server.errors import describe
+from hotpeft.server.generation import Prepared, prepare_chat, prepare_completion, run_choices
+from hotpeft.server.runtime import Runtime
+from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _base_card(rt: Runtime) -> ModelCard:
+    b = rt.base
+    return ModelCard(
+        id=b.model_id, created=rt.started, owned_by="hotpeft", root=b.model_id, kind="base",
+        precision=b.quantization if b.quantization != "none" else str(b.dtype).removeprefix("torch."),
+        resident_bytes=b.resident_bytes, device=str(b.device), max_model_len=b.max_model_len,
+    )
+
+
+def _adapter_cards(rt: Runtime) -> list[ModelCard]:
+    return [
+        ModelCard(id=av.name, created=av.created, owned_by="hotpeft", parent=rt.base.model_id, root=rt.base.model_id,
+                  kind=av.kind, version=av.version)
+        for av in rt.catalog.active()
+    ]
+
+
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)
+async def list_models(rt: RuntimeDep) -> ModelList:
+    return ModelList(data=[_base_card(rt), *_adapter_cards(rt)])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, response_model_exclude_none=True)
+async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
+    resolved = rt.catalog.resolve(model_id)
+    if resolved.adapter is None:
+        return _base_card(rt)
+    for card in _adapter_cards(rt):
+        if card.id == resolved.adapter.name:
+            return card.model_copy(update={"id": model_id, "version": resolved.adapter.version})
+    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, rt: Runtime, prepared: Prepared, n_choices: int):
+    """Whole texts per choice; a client that goes away cancels the generation."""
+    texts = [""] * n_choices
+    finish: list[str | None] = [None] * n_choices
+    completion_tokens = 0
+
+    async def gather():
+        nonlocal completion_tokens
+        async for i, ev in run_choices(rt, prepared):
+            texts[i] += ev.text
+            completion_tokens += len(ev.token_ids)
+            if ev.finish_reason:
+                finish[i] = ev.finish_reason
+
+    work = asyncio.create_task(gather())
+    watcher = asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return None
+    work.result()  # re-raise an engine failure
+    return texts, finish, completion_tokens
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(rt: Runtime, prepared: Prepared, make_chunk, include_usage: bool, usage_chunk) -> AsyncIterator[str]:
+    completion_tokens = 0
+    try:
+        async for i, ev in run_choices(rt, prepared):
+            completion_tokens += len(ev.token_ids)
+            if ev.text:
+                yield _sse(make_chunk(i, ev.text, None))
+            if ev.finish_reason:
+                yield _sse(make_chunk(i, "", ev.finish_reason))
+        if include_usage:
+            yield _sse(usage_chunk(_usage(prepared.prompt_tokens, completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, OpenAI-style
+        _, body = describe(e)
+        yield _sse(body)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
+    prepared = prepare_chat(rt, body)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
+    if body.stream:
+        def chunk(i, text, finish):
+            delta = {"content": text} if finish is None else {}
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": fingerprint,
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def usage_chunk(usage):
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": fingerprint, "choices": [], "usage": usage}
+
+        async def events():
+            for i in range(body.n):  # the role comes first, once per choice
+                first = chunk(i, "", None)
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield _sse(first)
+            async for s in _stream(rt, prepared, chunk, body.include_usage, usage_chunk):
+                yield s
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    result = await _collect(request, rt, prepared, body.n)
+    if result is None:
+        return None
+    texts, finish, completion_tokens = result
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "system_fingerprint": fingerprint,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+            for i, (t, f) in enumerate(zip(texts, finish))
+        ],
+        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
+    prepared = prepare_completion(rt, body)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    n_choices = len(prepared.prompts) * body.n
+    if body.stream:
+        def chunk(i, text, finish):
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        def usage_chunk(usage):
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [], "usage": usage}
+
+        return StreamingResponse(_stream(rt, prepared, chunk, body.include_usage, usage_chunk),
+                                 media_type="text/event-stream")
+    result = await _collect(request, rt, prepared, n_choices)
+    if result is None:
+        return None
+    texts, finish, completion_tokens = result
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                    for i, (t, f) in enumerate(zip(texts, finish))],
+        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+    }

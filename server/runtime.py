@@ -1,0 +1,91 @@
+"""Everything the app holds while it runs, built in the lifespan and torn down after it."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotpeft.adapters import AdapterCatalog, BaseSpec
+from hotpeft.server import basemodel
+from hotpeft.server.config import Settings
+from hotpeft.server.engine.base import Engine
+from hotpeft.server.engine.lora import LoraBank
+from hotpeft.server.engine.runner import ModelRunner
+from hotpeft.server.engine.serial import SerialEngine
+
+log = logging.getLogger("hotpeft.server")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    base: basemodel.LoadedBase
+    catalog: AdapterCatalog
+    engine: Engine
+    started: int
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16
+    # bf16 halves the bytes read per token; without native bf16 it is emulated and slower.
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    device = basemodel.default_device() if settings.device == "auto" else torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise basemodel.ModelUnavailable("--device cuda was given, but no CUDA device is available")
+    dtype = pick_dtype(settings.dtype, device)
+    quantization = None if settings.quantize == "auto" else settings.quantize
+    home = settings.home
+    home.mkdir(parents=True, exist_ok=True)
+    source = basemodel.resolve_model(settings.model, home)
+    t0 = time.perf_counter()
+    base = basemodel.load_base(source, quantization, device=device, dtype=dtype, max_model_len=settings.max_model_len)
+    bank = LoraBank(base.model, dtype, device)
+    log.info(
+        "base %s resident on %s: precision %s (compute %s), %.1f MiB, context %d tokens, loaded in %.1fs",
+        base.model_id, device, base.quantization, str(dtype).removeprefix("torch."), base.resident_bytes / 2**20,
+        base.max_model_len, time.perf_counter() - t0,
+    )
+    spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), bank.linear_shapes())
+    catalog = AdapterCatalog(spec, max_lora_rank=settings.max_lora_rank, allow_foreign_base=settings.allow_foreign_base)
+    if settings.adapters_dir is not None:
+        for folder in sorted(p for p in settings.adapters_dir.iterdir() if p.is_dir()):
+            av = catalog.register_dir(folder.name, folder, source="adapters-dir")
+            for w in av.adapter.warnings:
+                log.warning("adapter %s: %s", av.key, w)
+            log.info("registered adapter %s (%s, %d bytes) from %s", av.key, av.kind, av.adapter.nbytes, folder.name)
+    engine = SerialEngine(ModelRunner(base.model, bank, eos_ids(base)), base.tokenizer)
+    return Runtime(settings, base, catalog, engine, int(time.time()))
+
+
+def eos_ids(base: basemodel.LoadedBase) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(base.model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), base.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

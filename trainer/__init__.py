@@ -1,0 +1,1 @@
+"""hotpeft.trainer: JSONL to an evaluated, registered adapter (see the trainer issue)."""
