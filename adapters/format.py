@@ -158,8 +158,9 @@ def _check_base(config: dict, base: BaseSpec, allow_foreign_base: bool) -> list[
 
 
 def _same_model(declared: str, model_id: str) -> bool:
-    # A local path to a copy of the base counts as the base: compare the last path component.
-    last = lambda s: s.rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
+    # A local path to a copy of the base counts as the base: compare the last path component
+    # (hub cache folders spell "org/name" as "org--name").
+    last = lambda s: s.replace("--", "/").rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
     return declared == model_id or last(declared) == last(model_id)
 
 

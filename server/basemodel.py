@@ -54,8 +54,9 @@ def default_device() -> torch.device:
 
 
 def default_quantization(device: torch.device) -> str:
-    # nf4 on CUDA (bandwidth-bound decode, fast kernels). On the CPU bitsandbytes dequantizes
-    # on every matmul, which measured slower than the unquantized base (see README).
+    # nf4 on CUDA (bandwidth-bound decode, fast kernels). On the CPU the unquantized base: with the
+    # default 135M model nf4 decodes ~30% faster but costs ~15% perplexity, and memory is not the
+    # constraint at this size (measurements in the README; `python -m hotpeft.server.quality`).
     return "nf4" if device.type == "cuda" else "none"
 
 
@@ -77,8 +78,16 @@ def _cache_dir(home: Path, model_id: str) -> Path:
     return home / "models" / model_id.replace("/", "--")
 
 
+def _quiet_transformers() -> None:
+    # Progress bars of weight loading fill server logs with carriage returns.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def convert_embedded(home: Path) -> Path:
     """Dequantize the embedded GGUF once into a safetensors HF directory under the home."""
+    _quiet_transformers()
     target = _cache_dir(home, DEFAULT_MODEL_ID)
     if (target / FINGERPRINT_FILE).is_file():  # written last: its presence means complete
         return target
@@ -184,6 +193,7 @@ def load_base(
 ) -> LoadedBase:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     device = device or default_device()
     quantization = quantization or default_quantization(device)
     if quantization not in QUANTIZATIONS:

@@ -1,0 +1,37 @@
+"""The `hotpeft` command as a subprocess."""
+import subprocess
+import sys
+
+from hotpeft.server.config import Settings
+
+
+def hotpeft(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hotpeft.server.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_lists_subcommands_and_every_serve_flag():
+    top = hotpeft("--help")
+    assert top.returncode == 0 and "serve" in top.stdout
+    serve = hotpeft("serve", "--help")
+    assert serve.returncode == 0
+    out = " ".join(serve.stdout.split())
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out and "HOTPEFT_" + name.upper() in out
+
+
+def test_bad_flag_value_names_the_flag():
+    r = hotpeft("serve", "--quantize", "fp3")
+    assert r.returncode == 2 and "--quantize" in r.stderr and "'none'" in r.stderr
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    r = hotpeft("serve", "--model", str(tmp_path / "nope"), "--home", str(tmp_path / "home"), "--port", "1")
+    assert r.returncode != 0 and "no such directory" in r.stderr
+
+
+def test_unreachable_hub_id_says_so(tmp_path):
+    import os
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = hotpeft("serve", "--model", "someone/some-model", "--home", str(tmp_path / "home"), "--port", "1", env=env)
+    assert r.returncode != 0 and "hub could not provide it" in r.stderr and "local model directory" in r.stderr

@@ -1,0 +1,103 @@
+"""The real embedded default model (SmolLM2-135M-Instruct), converted once and served on 127.0.0.1."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from hotpeft.server import basemodel
+
+from conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source(model_home):
+    return basemodel.resolve_model("default", model_home)  # converts the GGUF on first use
+
+
+@pytest.fixture(scope="module")
+def server(source, model_home):
+    s = ServerProcess([], model_home)  # every setting at its default: the README's first command
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_conversion_is_cached_once(source, model_home):
+    weights = next(source.path.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    again = basemodel.resolve_model(basemodel.DEFAULT_MODEL_ID, model_home)
+    assert again.path == source.path and next(again.path.glob("*.safetensors")).stat().st_mtime_ns == stamp
+    assert source.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_models_reports_precision_and_bytes(client, server):
+    base = client.models.list().data[0]
+    assert base.id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base.model_extra["precision"] in ("bfloat16", "float32", "nf4")
+    assert 50e6 < base.model_extra["resident_bytes"] < 600e6
+    assert "resident on" in server.log_text() and "MiB" in server.log_text()
+
+
+def test_capital_of_france(client):
+    r = client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
+        temperature=0,
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_streaming_equals_non_streaming(client):
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=msgs, max_tokens=32,
+                                           temperature=0).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=msgs, max_tokens=32, temperature=0, stream=True))
+    assert streamed == whole and whole
+    comp = client.completions.create(model="base", prompt="The sun rises in the", max_tokens=12, temperature=0)
+    comp_stream = "".join(c.choices[0].text for c in client.completions.create(
+        model="base", prompt="The sun rises in the", max_tokens=12, temperature=0, stream=True))
+    assert comp_stream == comp.choices[0].text and comp.usage.completion_tokens > 0
+
+
+def test_health_answers_while_a_long_generation_runs(client, server):
+    """Model work is off the event loop: /health answers while a 256-token generation is mid-stream."""
+    events: list[tuple[str, float]] = []
+    started = threading.Event()
+
+    def long_generation():
+        stream = client.completions.create(model="base", prompt="Once upon a time", max_tokens=256, temperature=0.8,
+                                           seed=1, stream=True)
+        for _ in stream:
+            started.set()
+        events.append(("done", time.monotonic()))
+
+    t = threading.Thread(target=long_generation)
+    t.start()
+    assert started.wait(120)
+    latencies = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        latencies.append(time.monotonic() - t0)
+        events.append(("health", time.monotonic()))
+    t.join(300)
+    assert [e[0] for e in events][:5] == ["health"] * 5, "health only answered after the generation ended"
+    print(f"/health latency during generation: max {max(latencies) * 1000:.1f} ms")
+
+
+def test_quantized_defaults_take_fewer_bytes(source):
+    sizes = {q: basemodel.load_base(source, q, device=torch.device("cpu"), dtype=torch.bfloat16).resident_bytes
+             for q in ("none", "int8", "nf4")}
+    assert sizes["nf4"] < sizes["int8"] < sizes["none"]

@@ -1,0 +1,41 @@
+"""The resident base in int8 and nf4 (bitsandbytes): smaller than unquantized, and still serving adapters."""
+import pytest
+import torch
+
+from hotpeft.server import basemodel
+from hotpeft.server.config import Settings
+from hotpeft.server.runtime import build_runtime
+
+from test_engine import run_tokens
+
+
+@pytest.fixture(scope="module")
+def sizes(tiny_dirs):
+    src = basemodel.ModelSource("tiny-llama", tiny_dirs["base"])
+    return {q: basemodel.load_base(src, q, device=torch.device("cpu"), dtype=torch.float32).resident_bytes
+            for q in ("none", "int8", "nf4")}
+
+
+def test_quantized_bases_take_fewer_bytes(sizes):
+    assert sizes["nf4"] < sizes["int8"] < sizes["none"]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantized_base_serves_lora_and_soft_prompts(tiny_dirs, tmp_path, quantize):
+    rt = build_runtime(Settings(model=str(tiny_dirs["base"]), adapters_dir=tiny_dirs["adapters"], quantize=quantize,
+                                dtype="float32", home=tmp_path))
+    rt.engine.start()
+    try:
+        assert rt.base.quantization == quantize
+        prompt = rt.tokenizer("quantized")["input_ids"]
+        outs = {a: run_tokens(rt, a, prompt, 8) for a in (None, "lora-mlp", "soft")}
+        assert all(len(t) == 8 or t[-1] == 2 for t in outs.values())
+        assert len({tuple(t) for t in outs.values()}) == 3
+    finally:
+        rt.engine.stop()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nf4_is_the_default_on_cuda():
+    assert basemodel.default_quantization(torch.device("cuda")) == "nf4"
