@@ -120,14 +120,25 @@ def convert_embedded(home: Path) -> Path:
     return target
 
 
-def _write_fingerprint(directory: Path, model_id: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(model_id.encode())
+def _hash_model_dir(directory: Path, model_id: str, *, full: bool) -> str:
+    """Model id + config + weights. `full` reads every weight byte; otherwise the safetensors
+    headers (tensor names, shapes, dtypes, offsets) and sizes, so that a large foreign model is
+    not re-read at every start."""
+    digest = hashlib.sha256(model_id.encode())
     for f in sorted(directory.glob("config.json")) + sorted(directory.glob("*.safetensors")):
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    fp = f"{model_id}:{digest.hexdigest()[:16]}"
+            if full or f.suffix == ".json":
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+            else:
+                header_len = int.from_bytes(fh.read(8), "little")
+                digest.update(fh.read(min(header_len, 1 << 26)))
+                digest.update(str(f.stat().st_size).encode())
+    return f"{model_id}:{digest.hexdigest()[:16]}"
+
+
+def _write_fingerprint(directory: Path, model_id: str) -> str:
+    fp = _hash_model_dir(directory, model_id, full=True)
     tmp = directory / (FINGERPRINT_FILE + ".tmp")
     tmp.write_text(json.dumps({"model_id": model_id, "fingerprint": fp}))
     os.replace(tmp, directory / FINGERPRINT_FILE)
@@ -135,16 +146,13 @@ def _write_fingerprint(directory: Path, model_id: str) -> str:
 
 
 def fingerprint(directory: Path, model_id: str) -> str:
-    """Model id plus a hash of config and weights; cached beside a model we converted."""
+    """Model id plus a hash of config and weights; stored beside a model we converted."""
     f = directory / FINGERPRINT_FILE
     if f.is_file():
         data = json.loads(f.read_text())
         if data.get("model_id") == model_id:
             return data["fingerprint"]
-    digest = hashlib.sha256(model_id.encode())
-    for p in sorted(directory.glob("config.json")) + sorted(directory.glob("*.safetensors")):
-        digest.update(p.read_bytes() if p.stat().st_size < (1 << 20) else str(p.stat().st_size).encode() + p.name.encode())
-    return f"{model_id}:{digest.hexdigest()[:16]}"
+    return _hash_model_dir(directory, model_id, full=False)
 
 
 def resolve_model(model: str, home: Path) -> ModelSource:

@@ -56,3 +56,10 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {int(sample(logits, torch.tensor([1.0]), torch.tensor([0.7]), [make_generator(s)])[0]) for s in range(200)}
     assert seen == {0, 1}
+
+
+def test_bytes_that_never_form_a_character_are_flushed_at_the_end(tok):
+    lone = tok.convert_tokens_to_ids("Ã")  # byte 0xC3: the first half of a two-byte character
+    d = IncrementalText(tok, [])
+    assert d.push(lone) == ""  # held back, waiting for the second byte
+    assert d.finish() == tok.decode([lone]) == "\ufffd"
