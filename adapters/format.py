@@ -264,7 +264,7 @@ def _parse_prompt_tuning(config, tensors, base: BaseSpec) -> torch.Tensor:
     if set(tensors) != {"prompt_embeddings"}:
         extra = sorted(set(tensors) - {"prompt_embeddings"})
         raise AdapterInvalid(
-            f"prompt tuning weights must hold exactly one tensor 'prompt_embeddings'"
+            "prompt tuning weights must hold exactly one tensor 'prompt_embeddings'"
             + (f"; found unexpected {extra[0]!r}" if extra else "; it is missing")
         )
     emb = tensors["prompt_embeddings"]

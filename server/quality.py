@@ -65,7 +65,7 @@ def main() -> None:
         results[(q, dtype)] = measure(base, args.tokens)
         del base
     ref = results[("none", torch.float32)]["greedy"]
-    print(f"| quantize | compute dtype | resident MiB | NLL/token | greedy tokens = float32 | decode tok/s |")
+    print("| quantize | compute dtype | resident MiB | NLL/token | greedy tokens = float32 | decode tok/s |")
     print("|---|---|---:|---:|---:|---:|")
     for (q, dtype), r in results.items():
         same = sum(a == b for x, y in zip(ref, r["greedy"]) for a, b in zip(x, y))

@@ -135,12 +135,6 @@ class CompletionRequest(_Request):
         return self.max_tokens
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
