@@ -36,7 +36,6 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hotpeft.server.app import create_app
-    from hotpeft.server.basemodel import ModelUnavailable
 
     try:
         settings = _settings_from(args)
@@ -49,12 +48,8 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     server = uvicorn.Server(config)
-    try:
-        server.run()
-    except ModelUnavailable as e:
-        print(f"hotpeft serve: {e}", file=sys.stderr)
-        return 2
-    # uvicorn swallows lifespan failures and exits its loop; report them as a failed start.
+    server.run()
+    # uvicorn logs a failed start-up (model or adapter errors) and returns; report it as a failed start.
     return 0 if server.started else 3
 
 

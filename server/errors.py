@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, InvalidName
-from hotpeft.server.engine.serial import EngineFailure
+from hotpeft.server.engine.base import EngineFailure
 
 log = logging.getLogger("hotpeft.http")
 

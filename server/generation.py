@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hotpeft.adapters.catalog import Resolved
 from hotpeft.server.engine.base import GenerationRequest, SamplingParams, TokenEvent
@@ -28,8 +28,7 @@ class Prepared:
         for ids, params in zip(self.prompts, self.params):
             for j in range(self.n):
                 seed = None if params.seed is None else params.seed + j
-                p = SamplingParams(params.max_tokens, params.temperature, params.top_p, seed, params.stop)
-                out.append(GenerationRequest(list(ids), p, self.resolved.adapter))
+                out.append(GenerationRequest(list(ids), replace(params, seed=seed), self.resolved.adapter))
         return out
 
     @property

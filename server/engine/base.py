@@ -44,6 +44,10 @@ class TokenEvent:
     error: BaseException | None = None  # set when the request failed inside the engine
 
 
+class EngineFailure(RuntimeError):
+    """A request failed inside the engine; the engine itself keeps running."""
+
+
 class Engine(abc.ABC):
     """One owner of the model; requests in, token streams out."""
 

@@ -12,16 +12,12 @@ import threading
 
 import torch
 
-from hotpeft.server.engine.base import Engine, EventSink, GenerationRequest, TokenEvent
+from hotpeft.server.engine.base import Engine, EngineFailure, EventSink, GenerationRequest, TokenEvent
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.runner import ModelRunner
 from hotpeft.server.engine.sampling import make_generator, sample
 
 log = logging.getLogger("hotpeft.engine")
-
-
-class EngineFailure(RuntimeError):
-    """A request failed inside the engine; the engine itself keeps running."""
 
 
 class SerialEngine(Engine):
