@@ -18,7 +18,7 @@ def _serve_parser(sub) -> None:
         flag = "--" + name.replace("_", "-")
         env = "HOTPEFT_" + name.upper()
         default = field.default
-        help_text = f"{field.description} (env {env}; default {default})"
+        help_text = f"{field.description} (env {env}; default {default})".replace("%", "%%")
         if field.annotation is bool:
             p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
         else:

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port to bind")
     adapters_dir: Path | None = Field(None, description="folder of PEFT adapter folders to register at start-up, named by folder")
     max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences decoding at once (KV slots)")
+    kv_cache_mib: int | None = Field(
+        None, ge=1, description="KV cache budget in MiB (default: 30% of free GPU memory on CUDA, 4096 on the CPU)"
+    )
+    max_batch_tokens: int = Field(256, ge=16, le=65536, description="tokens per forward pass: decode rows + prefill chunk")
+    max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429 with Retry-After")
     max_n: int = Field(8, ge=1, le=128, description="largest `n` (choices per request) accepted")
     max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")

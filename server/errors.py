@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, InvalidName
-from hotpeft.server.engine.base import EngineFailure
+from hotpeft.server.engine.base import EngineFailure, Overloaded
 
 log = logging.getLogger("hotpeft.http")
 
@@ -30,6 +30,7 @@ _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (AdapterInvalid, 400, "invalid_request_error", "adapter_invalid"),
     (AdapterError, 400, "invalid_request_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
+    (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (EngineFailure, 500, "server_error", "engine_failure"),
 ]
 
@@ -77,7 +78,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = describe(exc)
         if status >= 500:
             log.error("request failed: %s", exc)
-        return JSONResponse(body, status_code=status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     for cls, *_ in _STATUS:
         app.add_exception_handler(cls, _domain)

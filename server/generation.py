@@ -64,7 +64,7 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
             f"({used} in the prompt, {max_tokens} in the completion). Please reduce the prompt or {param}.",
             param=param, code="context_length_exceeded",
         )
-    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop))
+    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos)
 
 
 def _virtual_tokens(resolved: Resolved) -> int:
@@ -105,7 +105,36 @@ def prepare_completion(rt: Runtime, req: CompletionRequest) -> Prepared:
     return Prepared(resolved, prompts, req.n, params)
 
 
-async def run_choices(rt: Runtime, prepared: Prepared) -> AsyncIterator[tuple[int, TokenEvent]]:
+@dataclass
+class OpenChoices:
+    """Every choice of a request, already submitted to the engine (in choice order)."""
+
+    requests: list[GenerationRequest]
+    streams: list[AsyncIterator[TokenEvent]]
+
+    def cancel(self, rt: Runtime) -> None:
+        for r in self.requests:
+            rt.engine.cancel(r.request_id)
+
+
+def open_choices(rt: Runtime, prepared: Prepared) -> OpenChoices:
+    """Submit all choices now, before any response is sent, so a full queue is a clean 429.
+
+    All or nothing: when one choice is refused, the ones already submitted are cancelled.
+    """
+    requests = prepared.requests()
+    streams = []
+    try:
+        for r in requests:
+            streams.append(rt.engine.generate(r))
+    except Exception:
+        for r in requests[:len(streams)]:
+            rt.engine.cancel(r.request_id)
+        raise
+    return OpenChoices(requests, streams)
+
+
+async def run_choices(rt: Runtime, choices: OpenChoices) -> AsyncIterator[tuple[int, TokenEvent]]:
     """All choices at once, merged as their events arrive: (choice index, event).
 
     Leaving the iteration early cancels every choice still running in the engine.
@@ -113,16 +142,16 @@ async def run_choices(rt: Runtime, prepared: Prepared) -> AsyncIterator[tuple[in
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, request: GenerationRequest) -> None:
+    async def pump(index: int, stream: AsyncIterator[TokenEvent]) -> None:
         try:
-            async for event in rt.engine.generate(request):
+            async for event in stream:
                 await queue.put((index, event))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put((index, e))
         finally:
             await queue.put((index, done))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests())]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(choices.streams)]
     remaining = len(tasks)
     try:
         while remaining:
@@ -137,3 +166,6 @@ async def run_choices(rt: Runtime, prepared: Prepared) -> AsyncIterator[tuple[in
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A stream whose task never started has no `finally` of its own to cancel it; the
+        # engine ignores cancels of requests that already finished.
+        choices.cancel(rt)

@@ -12,9 +12,9 @@ from hotpeft.adapters import AdapterCatalog, BaseSpec
 from hotpeft.server import basemodel
 from hotpeft.server.config import Settings
 from hotpeft.server.engine.base import Engine
+from hotpeft.server.engine.batching import BatchEngine, EngineLimits
+from hotpeft.server.engine.forward import SlotKVCache, kv_bytes_per_token
 from hotpeft.server.engine.lora import LoraBank
-from hotpeft.server.engine.runner import ModelRunner
-from hotpeft.server.engine.serial import SerialEngine
 
 log = logging.getLogger("hotpeft.server")
 
@@ -76,8 +76,33 @@ def build_runtime(settings: Settings) -> Runtime:
             for w in av.adapter.warnings:
                 log.warning("adapter %s: %s", av.key, w)
             log.info("registered adapter %s (%s, %d bytes) from %s", av.key, av.kind, av.adapter.nbytes, folder.name)
-    engine = SerialEngine(ModelRunner(base.model, bank, eos_ids(base)), base.tokenizer)
+    kv = make_kv_cache(settings, base, dtype, device)
+    limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue)
+    engine = BatchEngine(base.model, base.tokenizer, bank, kv, eos_ids(base), limits)
     return Runtime(settings, base, catalog, engine, int(time.time()))
+
+
+def make_kv_cache(settings: Settings, base: basemodel.LoadedBase, dtype: torch.dtype, device: torch.device) -> SlotKVCache:
+    """Slots of `max_model_len` positions, as many as the budget holds, at most --max-num-seqs."""
+    per_token = kv_bytes_per_token(base.model.config, dtype)
+    per_slot = per_token * base.max_model_len
+    if settings.kv_cache_mib is not None:
+        budget = settings.kv_cache_mib * 2**20
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.3)
+    else:
+        budget = 4096 * 2**20
+    n_slots = min(settings.max_num_seqs, budget // per_slot)
+    if n_slots < 1:
+        raise basemodel.ModelUnavailable(
+            f"a KV cache budget of {budget / 2**20:.0f} MiB holds no sequence of {base.max_model_len} tokens "
+            f"({per_slot / 2**20:.1f} MiB each); raise --kv-cache-mib to {-(-per_slot // 2**20)} or lower --max-model-len"
+        )
+    kv = SlotKVCache(base.model.config, n_slots, base.max_model_len, dtype, device)
+    log.info("KV cache: %d slots x %d tokens, %.0f MiB%s", n_slots, base.max_model_len, kv.nbytes / 2**20,
+             " (CPU pages are committed as they are used)" if device.type == "cpu" else "")
+    return kv
 
 
 def eos_ids(base: basemodel.LoadedBase) -> set[int]:

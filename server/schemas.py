@@ -47,6 +47,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Extension (as in vLLM): keep sampling past EOS up to max_tokens; for benchmarks.
+    ignore_eos: bool = False
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hotpeft.server.config import Settings
-from hotpeft.server.engine.base import GenerationRequest, SamplingParams
+from hotpeft.server.engine.base import EngineFailure, GenerationRequest, Overloaded, SamplingParams
 from hotpeft.server.runtime import build_runtime
 
 ADAPTERS = [None, "lora-attn", "lora-mlp", "soft"]
@@ -17,12 +17,16 @@ ADAPTERS = [None, "lora-attn", "lora-mlp", "soft"]
 
 @pytest.fixture(scope="module")
 def rt(tiny_dirs, tmp_path_factory):
-    settings = Settings(model=str(tiny_dirs["base"]), adapters_dir=tiny_dirs["adapters"], dtype="float32",
-                        home=tmp_path_factory.mktemp("engine-home"))
-    runtime = build_runtime(settings)
+    runtime = make_runtime(tiny_dirs, tmp_path_factory, max_batch_tokens=16)
     runtime.engine.start()
     yield runtime
     runtime.engine.stop()
+
+
+def make_runtime(tiny_dirs, tmp_path_factory, **settings):
+    # max_batch_tokens=16: prompts longer than that are prefilled in chunks, next to decoding rows.
+    return build_runtime(Settings(model=str(tiny_dirs["base"]), adapters_dir=tiny_dirs["adapters"], dtype="float32",
+                                  home=tmp_path_factory.mktemp("engine-home"), **settings))
 
 
 def reference_tokens(tiny_dirs, adapter: str | None, prompt: list[int], n: int) -> list[int]:
@@ -40,10 +44,20 @@ async def _tokens(rt, request: GenerationRequest) -> list[int]:
     return toks
 
 
-def run_tokens(rt, adapter: str | None, prompt: list[int], n: int, **sampling) -> list[int]:
+def make_request(rt, adapter: str | None, prompt: list[int], n: int, **sampling) -> GenerationRequest:
     av = rt.catalog.resolve(adapter).adapter if adapter else None
-    params = SamplingParams(max_tokens=n, **({"temperature": 0.0} | sampling))
-    return asyncio.run(_tokens(rt, GenerationRequest(prompt, params, av)))
+    return GenerationRequest(prompt, SamplingParams(max_tokens=n, **({"temperature": 0.0} | sampling)), av)
+
+
+def run_tokens(rt, adapter: str | None, prompt: list[int], n: int, **sampling) -> list[int]:
+    return asyncio.run(_tokens(rt, make_request(rt, adapter, prompt, n, **sampling)))
+
+
+def run_together(rt, requests: list[GenerationRequest]) -> list[list[int]]:
+    async def scenario():
+        return await asyncio.gather(*(_tokens(rt, r) for r in requests))
+
+    return asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -65,24 +79,6 @@ def test_serving_adapters_leaves_the_base_untouched(rt, tiny_dirs):
     for a in ADAPTERS[1:]:
         run_tokens(rt, a, prompt, 4)
     assert run_tokens(rt, None, prompt, 16) == before == reference_tokens(tiny_dirs, None, prompt, 16)
-
-
-def test_rows_of_different_adapters_in_one_forward_equal_each_alone(rt):
-    """The gathered-bmm LoRA path: one batch with base, two LoRAs; each row as if run alone."""
-    runner = rt.engine.runner
-    for name in ("lora-attn", "lora-mlp"):
-        runner.make_resident(rt.catalog.resolve(name).adapter)
-    keys = [None, rt.catalog.resolve("lora-attn").adapter.key, rt.catalog.resolve("lora-mlp").adapter.key]
-    ids = torch.tensor([rt.tokenizer("same prompt here")["input_ids"]] * 3)
-    with torch.inference_mode():
-        runner.bank.set_rows(keys)
-        together = runner.model(input_ids=ids).logits
-        for i, k in enumerate(keys):
-            runner.bank.set_rows([k])
-            alone = runner.model(input_ids=ids[i:i + 1]).logits
-            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-        runner.bank.set_rows([None])
-    assert not torch.allclose(together[0], together[1]) and not torch.allclose(together[1], together[2])
 
 
 def test_same_seed_same_sample(rt):
@@ -122,3 +118,116 @@ def test_failure_in_one_request_does_not_stop_the_engine(rt):
                 for t in ev.token_ids]
 
     assert len(asyncio.run(scenario())) == 2
+
+
+PROMPTS = ["The quick brown fox", "A much longer prompt that needs several prefill chunks of sixteen tokens", "hi",
+           "Once upon a time, in a land far away"]
+
+
+def test_mixed_batch_equals_each_request_alone_and_generate(rt, tiny_dirs):
+    """Every adapter kind and the base in one batch, prompts of different lengths, long ones chunked."""
+    cases = [(a, rt.tokenizer(p)["input_ids"]) for p in PROMPTS for a in ADAPTERS]  # 16 rows at once
+    together = run_together(rt, [make_request(rt, a, ids, 20) for a, ids in cases])
+    for (adapter, ids), toks in zip(cases, together):
+        assert toks == reference_tokens(tiny_dirs, adapter, ids, 20), (adapter, ids)
+    assert rt.engine.stats()["running"] == 0
+
+
+def test_requests_joining_a_running_batch_do_not_disturb_it(rt):
+    first_prompt = rt.tokenizer(PROMPTS[3])["input_ids"]
+    late = [("lora-mlp", rt.tokenizer(PROMPTS[1])["input_ids"]), ("soft", rt.tokenizer(PROMPTS[0])["input_ids"])]
+    alone = [run_tokens(rt, "lora-attn", first_prompt, 40)] + [run_tokens(rt, a, ids, 20) for a, ids in late]
+
+    async def scenario():
+        first = rt.engine.generate(make_request(rt, "lora-attn", first_prompt, 40))
+        toks, others = [], None
+        async for ev in first:
+            toks += ev.token_ids
+            if len(toks) == 5:  # mid-decode: two more requests join the running batch
+                others = [asyncio.ensure_future(_tokens(rt, make_request(rt, a, ids, 20))) for a, ids in late]
+        return [toks] + [await o for o in others], rt.engine.stats()["steps"]
+
+    steps_before = rt.engine.stats()["steps"]
+    got, steps_after = asyncio.run(scenario())
+    assert got == alone
+    # They joined: 40 decode steps for the first request cover (nearly) all of the others' work.
+    assert steps_after - steps_before < 40 + 20
+
+
+def test_cancelled_requests_release_their_rows(rt):
+    prompt = rt.tokenizer("cancel me")["input_ids"]
+
+    async def scenario():
+        streams = [rt.engine.generate(make_request(rt, a, prompt, 200)) for a in ADAPTERS]
+        for s in streams:
+            await s.__anext__()
+        busy = rt.engine.stats()
+        for s in streams:
+            await s.aclose()  # the clients went away
+        # The next request can only finish once the engine has seen the cancels.
+        nxt = await _tokens(rt, make_request(rt, None, prompt, 3))
+        return busy, nxt
+
+    busy, nxt = asyncio.run(scenario())
+    assert busy["running"] == 4 and busy["kv_tokens"] > 0
+    assert len(nxt) == 3
+    stats = rt.engine.stats()
+    assert (stats["running"], stats["waiting"], stats["kv_tokens"]) == (0, 0, 0) and stats["alive"]
+
+
+def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, tmp_path_factory):
+    rt2 = make_runtime(tiny_dirs, tmp_path_factory, max_num_seqs=2, max_queue=5)
+    assert rt2.engine.stats()["slots"] == 2
+    prompt = rt2.tokenizer("queue")["input_ids"]
+    requests = [make_request(rt2, a, prompt, 8) for a in ADAPTERS + ["lora-attn"]]
+    expected = [run_tokens(rt, a, prompt, 8) for a in ADAPTERS + ["lora-attn"]]
+
+    async def scenario():
+        # The engine is not started yet: everything waits, and the sixth request is refused.
+        streams = [rt2.engine.generate(r) for r in requests]
+        with pytest.raises(Overloaded, match="--max-queue 5"):
+            rt2.engine.generate(make_request(rt2, None, prompt, 8))
+        waiting = rt2.engine.stats()["waiting"]
+        rt2.engine.start()
+
+        async def drain(s):
+            return [t async for ev in s for t in ev.token_ids]
+
+        return waiting, await asyncio.gather(*(drain(s) for s in streams))
+
+    try:
+        waiting, outs = asyncio.run(scenario())
+    finally:
+        rt2.engine.stop()
+    assert waiting == 5
+    assert outs == expected  # two slots, five requests: the rest waited, nothing was lost or mixed up
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatch):
+    prompt = rt.tokenizer("fault")["input_ids"]
+    real = rt.engine.step_fn.forward
+    calls = {"n": 0}
+
+    def flaky(step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(step)
+
+    monkeypatch.setattr(rt.engine.step_fn, "forward", flaky)
+    failed_before = rt.engine.stats()["failed_steps"]
+
+    async def one(adapter):
+        try:
+            return await _tokens(rt, make_request(rt, adapter, prompt, 10))
+        except EngineFailure as e:
+            return str(e)
+
+    async def scenario():
+        return await asyncio.gather(one(None), one("lora-attn"))
+
+    outs = asyncio.run(scenario())
+    assert all(isinstance(o, str) and "injected fault" in o for o in outs)
+    assert rt.engine.stats()["failed_steps"] == failed_before + 1
+    assert len(run_tokens(rt, "lora-mlp", prompt, 5)) == 5
+    assert rt.engine.stats()["running"] == 0

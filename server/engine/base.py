@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: run to max_tokens whatever the model says
 
 
 @dataclass
@@ -48,6 +49,15 @@ class EngineFailure(RuntimeError):
     """A request failed inside the engine; the engine itself keeps running."""
 
 
+class Overloaded(RuntimeError):
+    """The engine's queue is full: come back later (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 class Engine(abc.ABC):
     """One owner of the model; requests in, token streams out."""
 
@@ -59,7 +69,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, sink: "EventSink") -> None:
-        """Queue a request; its events go to `sink` from the engine's thread."""
+        """Queue a request; its events go to `sink` from the engine's thread. Raises `Overloaded`."""
 
     @abc.abstractmethod
     def cancel(self, request_id: int) -> None:
@@ -68,10 +78,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict: ...
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit and stream events. Closing the iterator early cancels the request."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit now (so `Overloaded` is raised here, before any response is sent) and return the
+        request's event stream. Closing the stream early cancels the request; so does `cancel`.
+        """
         sink = EventSink(asyncio.get_running_loop())
         self.submit(request, sink)
+        return self._events(request, sink)
+
+    async def _events(self, request: GenerationRequest, sink: "EventSink") -> AsyncIterator[TokenEvent]:
         finished = False
         try:
             while True:

@@ -1,138 +1,193 @@
-"""Many LoRA adapters in one forward pass: stacked weights, gathered batched matmuls.
+"""Many LoRA adapters in one forward pass: concatenated weights and a per-token column mask.
 
 Every targetable linear layer of the base is wrapped once at start-up by `MultiLoraLinear`.
-Each wrapper holds, for every resident adapter ("slot"), its A and B padded to the largest
-resident rank, stacked along a slot axis. A forward pass reads the slot of each row from the
-shared `LoraBank` and computes all rows' deltas with two `bmm`s over gathered weights (the
-Punica / S-LoRA idea, in plain PyTorch). Slot 0 is all zeros and stands for "no LoRA", so
-base rows and rows of soft-prompt adapters pass through untouched. The base layer itself
-(plain, int8 or nf4) is never modified.
+A wrapper keeps the A matrices of all resident adapters that target it concatenated along
+the rank axis, `A_cat (sum_r, in)`, and their B matrices, already multiplied by each
+adapter's scale, as `Bt_cat (sum_r, out)`. Ranks are not padded: an adapter of rank 8 takes 8
+columns, one of rank 16 takes 16, and an adapter that does not target a layer takes none.
+
+For a step over N packed tokens the delta of every token is
+
+    delta = ((x @ A_cat[lo:hi].T) * mask) @ Bt_cat[lo:hi]            # (N, out)
+
+where `mask (N, hi-lo)` is 1 where a column belongs to the token's own adapter and 0
+elsewhere (base tokens and soft-prompt tokens: all zeros). That is two dense matmuls and a
+multiply per layer whatever the mix of adapters: the segmented-matmul idea of Punica /
+S-LoRA in plain PyTorch, without a Python loop over adapters and without gathering a copy
+of the weights for every token. `[lo, hi)` is the span of columns that the step's adapters
+occupy; when every token uses the same adapter the mask is dropped altogether.
+
+Layers whose resident adapters are the same (usually every q_proj, every down_proj, ...)
+share one `Layout`, so a mask is built once per layout and step, not once per layer. The
+base layer itself (plain, int8 or nf4) is never modified.
 """
 from __future__ import annotations
 
-import threading
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from hotpeft.adapters.format import LoraModule
 
-NO_LORA = 0  # slot index of "no adapter": zero weights, zero scale
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@dataclass
+class StepPlan:
+    """What one layout does in the current step."""
+
+    lo: int
+    hi: int
+    mask: torch.Tensor | None  # (N, hi - lo), or None when every token uses the adapter in [lo, hi)
+
+
+@dataclass(eq=False)
+class Layout:
+    """Column ranges of the adapters concatenated in a layer: ((adapter id, rank), ...)."""
+
+    entries: tuple[tuple[int, int], ...]
+    cols: dict[int, tuple[int, int]] = field(default_factory=dict)  # adapter id -> [c0, c1)
+    owner: torch.Tensor | None = None  # (sum_r,) adapter id of each column
+    plan: StepPlan | None = None
+
+    def __post_init__(self):
+        c = 0
+        owners = []
+        for aid, r in self.entries:
+            self.cols[aid] = (c, c + r)
+            owners += [aid] * r
+            c += r
+        self.owner = torch.tensor(owners, dtype=torch.long)
+
+
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, bank: "LoraBank", name: str):
+    def __init__(self, base: nn.Module, name: str, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base = base
-        self.bank = bank
         self.name = name
         self.in_features = base.in_features
         self.out_features = base.out_features
-        dtype, device = bank.dtype, bank.device
-        # (S, r_max, in), (S, out, r_max), (S,): slot 0 is the zero adapter.
-        self.register_buffer("lora_A", torch.zeros(1, 1, self.in_features, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(1, self.out_features, 1, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("scale", torch.zeros(1, dtype=dtype, device=device), persistent=False)
-        self.active_slots: set[int] = set()
+        self.register_buffer("A_cat", torch.zeros(0, self.in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("Bt_cat", torch.zeros(0, self.out_features, dtype=dtype, device=device), persistent=False)
+        self.layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        slots = self.bank.row_slots  # (B,) long, or None when no row of the batch uses a LoRA
-        if slots is None or not self.active_slots:
+        plan = None if self.layout is None else self.layout.plan
+        if plan is None:
             return y
-        xa = x.to(self.lora_A.dtype)
-        if x.dim() == 2:  # (T, in): a single row without a batch axis
-            xa = xa.unsqueeze(0)
-        A = self.lora_A[slots]  # (B, r, in)
-        B = self.lora_B[slots]  # (B, out, r)
-        delta = torch.bmm(torch.bmm(xa, A.transpose(1, 2)), B.transpose(1, 2))  # (B, T, out)
-        delta = delta * self.scale[slots].view(-1, 1, 1)
+        x2 = x.reshape(-1, self.in_features).to(self.A_cat.dtype)  # (N, in)
+        xa = x2 @ self.A_cat[plan.lo:plan.hi].T  # (N, r_span)
+        if plan.mask is not None:
+            xa = xa * plan.mask
+        delta = xa @ self.Bt_cat[plan.lo:plan.hi]  # (N, out)
         return y + delta.view_as(y).to(y.dtype)
 
-    def set_slot(self, slot: int, module: LoraModule | None) -> None:
-        """Write (or clear, with None) one slot. Grows the stacks when needed."""
-        r = 0 if module is None else module.rank
-        slots_needed = max(slot + 1, self.lora_A.shape[0])
-        r_max = max(r, self.lora_A.shape[1])
-        if slots_needed != self.lora_A.shape[0] or r_max != self.lora_A.shape[1]:
-            A = self.lora_A.new_zeros(slots_needed, r_max, self.in_features)
-            B = self.lora_B.new_zeros(slots_needed, self.out_features, r_max)
-            scale = self.scale.new_zeros(slots_needed)
-            n, old_r = self.lora_A.shape[:2]
-            A[:n, :old_r] = self.lora_A
-            B[:n, :, :old_r] = self.lora_B
-            scale[:n] = self.scale
-            self.lora_A, self.lora_B, self.scale = A, B, scale
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.scale[slot] = 0
-        if module is None:
-            self.active_slots.discard(slot)
-            return
-        # Zero-padded ranks add exact zeros, so a padded adapter computes the same delta.
-        self.lora_A[slot, :r] = module.A.to(self.lora_A)
-        self.lora_B[slot, :, :r] = module.B.to(self.lora_B)
-        self.scale[slot] = module.scale
-        self.active_slots.add(slot)
+    def set_weights(self, parts: list[tuple[int, LoraModule]]) -> tuple[tuple[int, int], ...]:
+        """Rebuild the concatenation from (adapter id, module) pairs; returns the layout entries."""
+        dtype, device = self.A_cat.dtype, self.A_cat.device
+        if parts:
+            self.A_cat = torch.cat([m.A.to(device=device, dtype=torch.float32) for _, m in parts]).to(dtype)
+            # The scale is folded into B once, so the forward pass never multiplies by it.
+            self.Bt_cat = torch.cat(
+                [(m.B.to(device=device, dtype=torch.float32) * m.scale).T for _, m in parts]
+            ).to(dtype).contiguous()
+        else:
+            self.A_cat = self.A_cat.new_zeros(0, self.in_features)
+            self.Bt_cat = self.Bt_cat.new_zeros(0, self.out_features)
+        return tuple((aid, m.rank) for aid, m in parts)
 
-    def slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lora_A, self.lora_B, self.scale))
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A_cat, self.Bt_cat))
 
 
 class LoraBank:
-    """The resident LoRA adapters of one model, keyed by adapter version key, and the per-step row map."""
+    """The resident LoRA adapters of one model, keyed by adapter version key.
+
+    Owned by the engine thread: load, unload and `plan` are called between forward passes.
+    """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
         self.device = device
-        self.row_slots: torch.Tensor | None = None
-        self.slot_of: dict[str, int] = {}
-        self._lock = threading.Lock()
         self.layers: dict[str, MultiLoraLinear] = {}
+        self.adapters: dict[str, tuple[int, dict[str, LoraModule]]] = {}  # key -> (adapter id, modules)
+        self._next_id = 1  # ids are never reused; 0 means "no LoRA"
+        self.layouts: list[Layout] = []
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in TARGET_SUFFIXES and hasattr(module, "in_features"):
                 parent_name, _, child = name.rpartition(".")
-                wrapper = MultiLoraLinear(module, self, name)
+                wrapper = MultiLoraLinear(module, name, dtype, device)
                 setattr(model.get_submodule(parent_name), child, wrapper)
                 self.layers[name] = wrapper
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         return {n: (m.out_features, m.in_features) for n, m in self.layers.items()}
 
+    def is_resident(self, key: str) -> bool:
+        return key in self.adapters
+
+    def adapter_id(self, key: str | None) -> int:
+        return 0 if key is None else self.adapters[key][0]
+
     def load(self, key: str, modules: dict[str, LoraModule]) -> bool:
         """Make an adapter resident. Idempotent: False when it already was."""
-        with self._lock:
-            if key in self.slot_of:
-                return False
-            missing = sorted(set(modules) - set(self.layers))
-            if missing:  # validated on registration; checked again before any write
-                raise ValueError(f"no wrapped layer {missing[0]!r} in the base model")
-            used = set(self.slot_of.values())
-            slot = next(i for i in range(1, len(used) + 2) if i not in used)
-            for name, layer in self.layers.items():
-                layer.set_slot(slot, modules.get(name))
-            self.slot_of[key] = slot
-            return True
+        if key in self.adapters:
+            return False
+        missing = sorted(set(modules) - set(self.layers))
+        if missing:  # validated on registration; checked again before any write
+            raise ValueError(f"no wrapped layer {missing[0]!r} in the base model")
+        self.adapters[key] = (self._next_id, modules)
+        self._next_id += 1
+        self._rebuild(set(modules))
+        return True
 
     def unload(self, key: str) -> bool:
-        """Free an adapter's slot. Idempotent: False when it was not resident."""
-        with self._lock:
-            slot = self.slot_of.pop(key, None)
-            if slot is None:
-                return False
-            for layer in self.layers.values():
-                layer.set_slot(slot, None)
-            return True
+        """Drop an adapter's weights. Idempotent: False when it was not resident."""
+        entry = self.adapters.pop(key, None)
+        if entry is None:
+            return False
+        self._rebuild(set(entry[1]))
+        return True
 
-    def set_rows(self, keys: list[str | None]) -> None:
-        """Before a forward pass: the adapter of each row (None = no LoRA for that row)."""
-        if all(k is None for k in keys):
-            self.row_slots = None
-            return
-        self.row_slots = torch.tensor(
-            [NO_LORA if k is None else self.slot_of[k] for k in keys], dtype=torch.long, device=self.device
-        )
+    def _rebuild(self, touched: set[str]) -> None:
+        for name in touched:
+            parts = [(aid, mods[name]) for aid, mods in self.adapters.values() if name in mods]
+            self.layers[name].set_weights(parts)
+        layouts: dict[tuple, Layout] = {}
+        for name, layer in self.layers.items():
+            entries = tuple((aid, mods[name].rank) for aid, mods in self.adapters.values() if name in mods)
+            if not entries:
+                layer.layout = None
+                continue
+            layout = layouts.get(entries)
+            if layout is None:
+                layout = layouts[entries] = Layout(entries)
+                layout.owner = layout.owner.to(self.device)
+            layer.layout = layout
+        self.layouts = list(layouts.values())
+
+    def plan(self, token_ids: torch.Tensor, used: set[int]) -> None:
+        """Before a forward pass: the adapter id of every packed token (N,), 0 for none, and the set of
+        ids that occur in it (from the scheduler's own bookkeeping, so planning never waits on the device).
+        """
+        lora_ids = used - {0}
+        for layout in self.layouts:
+            mine = [layout.cols[a] for a in lora_ids if a in layout.cols]
+            if not mine:
+                layout.plan = None
+                continue
+            lo, hi = min(c0 for c0, _ in mine), max(c1 for _, c1 in mine)
+            if used == lora_ids and len(lora_ids) == 1:  # every token uses this one adapter
+                layout.plan = StepPlan(lo, hi, None)
+            else:
+                mask = (token_ids.unsqueeze(1) == layout.owner[lo:hi].unsqueeze(0)).to(self.dtype)  # (N, hi-lo)
+                layout.plan = StepPlan(lo, hi, mask)
+
+    def clear_plan(self) -> None:
+        for layout in self.layouts:
+            layout.plan = None
 
     def resident_bytes(self) -> int:
-        return sum(layer.slot_bytes() for layer in self.layers.values())
+        return sum(layer.resident_bytes() for layer in self.layers.values())

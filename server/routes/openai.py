@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from hotpeft.adapters.errors import AdapterNotFound
 from hotpeft.server.deps import RuntimeDep
 from hotpeft.server.errors import describe
-from hotpeft.server.generation import Prepared, prepare_chat, prepare_completion, run_choices
+from hotpeft.server.generation import OpenChoices, Prepared, open_choices, prepare_chat, prepare_completion, run_choices
 from hotpeft.server.runtime import Runtime
 from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -63,7 +63,7 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, rt: Runtime, prepared: Prepared, n_choices: int):
+async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choices: int):
     """Whole texts per choice; a client that goes away cancels the generation."""
     texts = [""] * n_choices
     finish: list[str | None] = [None] * n_choices
@@ -71,7 +71,7 @@ async def _collect(request: Request, rt: Runtime, prepared: Prepared, n_choices:
 
     async def gather():
         nonlocal completion_tokens
-        async for i, ev in run_choices(rt, prepared):
+        async for i, ev in run_choices(rt, choices):
             texts[i] += ev.text
             completion_tokens += len(ev.token_ids)
             if ev.finish_reason:
@@ -85,6 +85,7 @@ async def _collect(request: Request, rt: Runtime, prepared: Prepared, n_choices:
         watcher.cancel()
         if not work.done():
             work.cancel()
+            choices.cancel(rt)  # also when the task was cancelled before it began
     if work.cancelled():
         return None
     work.result()  # re-raise an engine failure
@@ -95,10 +96,11 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(rt: Runtime, prepared: Prepared, make_chunk, include_usage: bool, usage_chunk) -> AsyncIterator[str]:
+async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_chunk, include_usage: bool,
+                  usage_chunk) -> AsyncIterator[str]:
     completion_tokens = 0
     try:
-        async for i, ev in run_choices(rt, prepared):
+        async for i, ev in run_choices(rt, choices):
             completion_tokens += len(ev.token_ids)
             if ev.text:
                 yield _sse(make_chunk(i, ev.text, None))
@@ -115,6 +117,7 @@ async def _stream(rt: Runtime, prepared: Prepared, make_chunk, include_usage: bo
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
     prepared = prepare_chat(rt, body)
+    choices = open_choices(rt, prepared)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
     if body.stream:
@@ -133,11 +136,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                 first = chunk(i, "", None)
                 first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 yield _sse(first)
-            async for s in _stream(rt, prepared, chunk, body.include_usage, usage_chunk):
+            async for s in _stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk):
                 yield s
 
         return StreamingResponse(events(), media_type="text/event-stream")
-    result = await _collect(request, rt, prepared, body.n)
+    result = await _collect(request, rt, choices, body.n)
     if result is None:
         return None
     texts, finish, completion_tokens = result
@@ -155,6 +158,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
     prepared = prepare_completion(rt, body)
+    choices = open_choices(rt, prepared)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_choices = len(prepared.prompts) * body.n
     if body.stream:
@@ -166,9 +170,9 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [], "usage": usage}
 
-        return StreamingResponse(_stream(rt, prepared, chunk, body.include_usage, usage_chunk),
+        return StreamingResponse(_stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk),
                                  media_type="text/event-stream")
-    result = await _collect(request, rt, prepared, n_choices)
+    result = await _collect(request, rt, choices, n_choices)
     if result is None:
         return None
     texts, finish, completion_tokens = result

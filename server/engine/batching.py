@@ -1,0 +1,332 @@
+"""The continuous-batching engine: one worker thread, one forward pass per step for every running row.
+
+Each step the worker
+1. drops cancelled requests (their slot and KV are free for this very step),
+2. admits waiting requests into free KV slots (their LoRA is made resident, their prompt
+   embedded with the soft prompt spliced in),
+3. packs one token of every decoding row and a chunk of every prefilling row into one batch,
+   at most `max_batch_tokens` tokens, decode rows first so a long prompt never stalls them,
+4. runs one forward pass whatever the rows' adapters, samples every row that finished its
+   prompt or is decoding, and streams each row's token to its request,
+5. frees the slots of finished rows at once.
+
+A failure inside a step fails the requests of that step (500 for them) and the engine goes on.
+Requests that find no free slot wait; past `max_queue` waiting requests `submit` raises
+`Overloaded` (HTTP 429).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hotpeft.server.engine.base import (
+    Engine, EngineFailure, EventSink, GenerationRequest, Overloaded, TokenEvent,
+)
+from hotpeft.server.engine.detok import IncrementalText
+from hotpeft.server.engine.forward import LlamaStep, SlotKVCache, StepInput
+from hotpeft.server.engine.lora import LoraBank
+from hotpeft.server.engine.sampling import make_generator, sample
+
+log = logging.getLogger("hotpeft.engine")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_tokens: int = 256  # tokens per forward pass (decode rows + prefill chunks)
+    max_queue: int = 256  # waiting requests before 429
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    sink: EventSink
+    slot: int
+    adapter_id: int  # LoRA bank id, 0 = no LoRA
+    embeds: torch.Tensor | None  # (P, H) prompt embeddings incl. soft prompt; dropped after prefill
+    prompt_len: int  # P: positions of the prompt, virtual tokens included
+    detok: IncrementalText
+    generator: torch.Generator
+    prefilled: int = 0
+    kv_len: int = 0
+    generated: int = 0
+    last_token: int = -1
+    done: bool = False
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled >= self.prompt_len
+
+
+class BatchEngine(Engine):
+    def __init__(self, model: torch.nn.Module, tokenizer, bank: LoraBank, kv: SlotKVCache, eos_ids: set[int],
+                 limits: EngineLimits = EngineLimits()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.bank = bank
+        self.kv = kv
+        self.eos_ids = eos_ids
+        self.limits = limits
+        self.step_fn = LlamaStep(model, kv)
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.vocab_size = self.embed.weight.shape[0]
+        self._cond = threading.Condition()
+        self._waiting: deque[tuple[GenerationRequest, EventSink]] = deque()
+        self._cancelled: set[int] = set()
+        self._stopping = False
+        self._running: list[Sequence] = []  # index == slot
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._tokens = 0
+        self._failed_steps = 0
+
+    # ---- the boundary -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="hotpeft-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.limits.max_queue:
+                raise Overloaded(
+                    f"the server is at capacity: {len(self._waiting)} requests are waiting for one of "
+                    f"{self.kv.n_slots} sequence slots (--max-queue {self.limits.max_queue}); retry shortly",
+                    retry_after=1,
+                )
+            self._waiting.append((request, sink))
+            self._cond.notify()
+
+    def cancel(self, request_id: int) -> None:
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            waiting = len(self._waiting)
+        running = list(self._running)
+        return {
+            "running": len(running),
+            "waiting": waiting,
+            "slots": self.kv.n_slots,
+            "slot_len": self.kv.slot_len,
+            "kv_tokens": sum(s.kv_len for s in running),
+            "kv_bytes": self.kv.nbytes,
+            "steps": self._steps,
+            "tokens": self._tokens,
+            "failed_steps": self._failed_steps,
+            "resident_loras": len(self.bank.adapters),
+            "alive": self._thread is not None and self._thread.is_alive(),
+        }
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running and not self._cancelled:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+                admit = []
+                free = self.kv.n_slots - len(self._running)
+                while self._waiting and len(admit) < free:
+                    admit.append(self._waiting.popleft())
+                if cancelled:
+                    kept = deque(item for item in self._waiting if item[0].request_id not in cancelled)
+                    self._waiting = kept
+            try:
+                self._drop_cancelled(cancelled)
+                for request, sink in admit:
+                    if request.request_id not in cancelled:
+                        self._admit(request, sink)
+                if self._running:
+                    self._step()
+            except Exception:  # noqa: BLE001 - the worker must survive anything; the step already failed its rows
+                log.exception("engine loop error")
+
+    def _drop_cancelled(self, cancelled: set[int]) -> None:
+        if not cancelled:
+            return
+        for seq in self._running:
+            if seq.request.request_id in cancelled:
+                seq.done = True
+        self._compact()
+
+    @torch.inference_mode()
+    def _admit(self, request: GenerationRequest, sink: EventSink) -> None:
+        try:
+            ids = request.prompt_ids
+            if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            adapter = request.adapter
+            adapter_id = 0
+            embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, H)
+            if adapter is not None and adapter.kind == "lora":
+                self.bank.load(adapter.key, adapter.adapter.lora)
+                adapter_id = self.bank.adapter_id(adapter.key)
+            elif adapter is not None and adapter.kind == "prompt_tuning":
+                # Soft prompt: virtual-token embeddings before the input, positions 0..n-1 (as PEFT does).
+                soft = adapter.adapter.soft_prompt.to(device=self.device, dtype=embeds.dtype)  # (n, H)
+                embeds = torch.cat([soft, embeds])
+            if embeds.shape[0] + request.params.max_tokens > self.kv.slot_len:
+                raise ValueError(
+                    f"prompt ({embeds.shape[0]} positions) + max_tokens ({request.params.max_tokens}) "
+                    f"exceed the KV slot of {self.kv.slot_len} positions"
+                )
+        except Exception as e:  # noqa: BLE001 - this request fails, nothing else
+            log.exception("request %d could not be admitted", request.request_id)
+            sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
+            return
+        slot = len(self._running)
+        self.kv.release(slot)
+        p = request.params
+        self._running.append(Sequence(
+            request, sink, slot, adapter_id, embeds, embeds.shape[0],
+            IncrementalText(self.tokenizer, list(p.stop)), make_generator(p.seed),
+        ))
+
+    def _build(self) -> tuple[StepInput, list[Sequence], list[int]]:
+        rows = self._running
+        n_decode = sum(1 for s in rows if s.decoding)
+        budget = self.limits.max_batch_tokens - n_decode
+        takes, pieces, positions, slots, chunks, sample_rows = [], [], [], [], [], []
+        decode_tokens = [s.last_token for s in rows if s.decoding]
+        decode_embeds = self.embed(torch.tensor(decode_tokens, dtype=torch.long, device=self.device)) if decode_tokens else None
+        di = 0
+        n_tok = 0
+        for row, s in enumerate(rows):
+            if s.decoding:
+                take = 1
+                pieces.append(decode_embeds[di:di + 1])
+                di += 1
+                sample_rows.append(row)
+            else:
+                take = min(s.prompt_len - s.prefilled, max(1, budget))  # every row moves every step
+                budget -= take
+                pieces.append(s.embeds[s.prefilled:s.prefilled + take])
+                if take > 1:
+                    chunks.append((row, n_tok, n_tok + take, s.kv_len))
+                if s.prefilled + take == s.prompt_len:
+                    sample_rows.append(row)
+            positions.extend(range(s.kv_len, s.kv_len + take))
+            slots.extend([row] * take)
+            takes.append(take)
+            n_tok += take
+        dev = self.device
+        kv_lens = [s.kv_len + t for s, t in zip(rows, takes)]
+        ends, acc = [], 0
+        for t in takes:
+            acc += t
+            ends.append(acc - 1)
+        last_index = torch.tensor(ends, dtype=torch.long, device=dev)
+        embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if decode_embeds is not None and len(decode_tokens) == len(rows):
+            embeds = decode_embeds  # all rows decoding: already in row order
+        step = StepInput(
+            embeds=embeds,
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            token_slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            last_index=last_index,
+            kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=dev),
+            chunks=chunks,
+            read_len=max(kv_lens),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+        token_adapters = [s.adapter_id for s, t in zip(rows, takes) for _ in range(t)]
+        self.bank.plan(torch.tensor(token_adapters, dtype=torch.long, device=dev), set(token_adapters))
+        return step, [rows[r] for r in sample_rows], takes
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = list(self._running)
+        try:
+            step, sampled, takes = self._build()
+            self.kv.prepare(len(rows), step.read_len)
+            logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
+            tokens = []
+            if sampled:
+                temperature = torch.tensor([s.request.params.temperature for s in sampled], device=logits.device)
+                top_p = torch.tensor([s.request.params.top_p for s in sampled], device=logits.device)
+                tokens = sample(logits, temperature, top_p, [s.generator for s in sampled]).tolist()
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
+            self._failed_steps += 1
+            log.exception("engine step failed for %d requests", len(rows))
+            error = EngineFailure(f"generation failed: {type(e).__name__}: {e}")
+            for s in rows:
+                s.done = True
+            self._compact()
+            for s in rows:
+                s.sink.put(TokenEvent("", [], error=error))
+            return
+        finally:
+            self.bank.clear_plan()
+        self._steps += 1
+        for s, take in zip(rows, takes):
+            s.kv_len += take
+            if not s.decoding:
+                s.prefilled += take
+                if s.decoding:
+                    s.embeds = None  # the prompt is in the KV cache now
+        events = []
+        for s, token in zip(sampled, tokens):
+            try:
+                events.append((s.sink, self._event(s, token)))
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error: this row only
+                log.exception("request %d failed after sampling", s.request.request_id)
+                events.append((s.sink, TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}"))))
+                s.done = True
+        self._tokens += len(tokens)
+        self._compact()  # first, so a client that sees its last token sees its row freed too
+        for sink, event in events:
+            sink.put(event)
+
+    def _event(self, s: Sequence, token: int) -> TokenEvent:
+        p = s.request.params
+        s.generated += 1
+        s.last_token = token
+        finish, text = None, ""
+        if token in self.eos_ids and not p.ignore_eos:
+            finish = "stop"
+        else:
+            text = s.detok.push(token)
+            if s.detok.stopped:
+                finish = "stop"
+            elif s.generated >= p.max_tokens:
+                finish = "length"
+        if finish is not None and not s.detok.stopped:
+            text += s.detok.finish()
+        if finish is not None:
+            s.done = True
+        return TokenEvent(text, [token], finish, len(s.request.prompt_ids), s.generated)
+
+    def _compact(self) -> None:
+        """Drop finished rows; move the last live rows into the holes so slots stay 0..n-1."""
+        rows = self._running
+        alive = [s for s in rows if not s.done]
+        n = len(alive)
+        holes = [i for i in range(n) if rows[i].done]
+        movers = [s for s in rows[n:] if not s.done]
+        for s in rows:
+            if s.done:
+                self.kv.release(s.slot)
+        for hole, s in zip(holes, movers):
+            self.kv.move(s.slot, hole, s.kv_len)
+            s.slot = hole
+        self._running = sorted(alive, key=lambda s: s.slot)

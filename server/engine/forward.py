@@ -1,0 +1,160 @@
+"""One forward pass over a packed batch of sequences, with a slotted KV cache.
+
+The batching engine calls `LlamaStep.forward` once per step with the tokens of every running
+sequence packed into one (N, hidden) tensor: one token for each decoding sequence, a chunk of
+the prompt for each sequence in prefill. The layers are the base model's own modules (so a
+quantized base and the LoRA wrappers just work); what is written here is the part that
+transformers' forward does not offer: per-row positions, writing K/V into per-sequence slots,
+and attention of rows with different lengths in one call.
+
+KV memory is allocated once, from a budget, as `n_slots` slots of `slot_len` positions per
+layer: K and V are (n_slots, n_kv_heads, slot_len, head_dim). Running sequences always occupy
+slots 0..n-1 (a finished sequence's slot is filled by moving the last one down), so decode
+attention reads `K[:n, :, :L]`, a view, never a gathered copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class SlotKVCache:
+    def __init__(self, config, n_slots: int, slot_len: int, dtype: torch.dtype, device: torch.device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (n_slots, config.num_key_value_heads, slot_len, head_dim)
+        # torch.empty: on the CPU the pages are committed only when written. Positions that a
+        # step may read before its sequence wrote them are zeroed first (see `prepare`).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.n_slots, self.slot_len = n_slots, slot_len
+        self.clean = [0] * n_slots  # per slot: positions [0, clean) hold finite values
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def release(self, slot: int) -> None:
+        self.clean[slot] = 0  # whatever the last owner left is not trusted by the next one
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+        self.clean[dst] = length
+        self.clean[src] = 0
+
+    def prepare(self, n_rows: int, read_len: int) -> None:
+        """Zero what decode attention will read of slots 0..n_rows-1 beyond what they hold.
+
+        Masked positions get zero weight, but 0 * NaN is NaN: never-written memory must not be read.
+        """
+        for slot in range(n_rows):
+            start = self.clean[slot]
+            if start < read_len:
+                for t in self.k + self.v:
+                    t[slot, :, start:read_len].zero_()
+                self.clean[slot] = read_len
+
+
+@dataclass
+class StepInput:
+    """A packed batch: rows are slots 0..R-1 in order, row i owns tokens [starts[i], starts[i+1])."""
+
+    embeds: torch.Tensor  # (N, H)
+    positions: torch.Tensor  # (N,) long, position of each token in its sequence
+    token_slots: torch.Tensor  # (N,) long, slot (= row) of each token
+    last_index: torch.Tensor  # (R,) long, packed index of each row's last token
+    kv_lens: torch.Tensor  # (R,) long, filled positions of each row after this step
+    chunks: list[tuple[int, int, int, int]]  # rows with more than one token: (row, start, end, first position)
+    read_len: int  # max of kv_lens: how far decode attention reads
+    sample_rows: torch.Tensor  # (S,) long, rows whose last token's logits are needed
+
+
+class LlamaStep:
+    def __init__(self, model: torch.nn.Module, kv: SlotKVCache):
+        config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"the batching engine supports {', '.join(SUPPORTED_MODEL_TYPES)} models; "
+                f"this one is {getattr(config, 'model_type', '?')!r}"
+            )
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window and window < kv.slot_len:
+            raise UnsupportedModel(
+                f"this model attends over a sliding window of {window} tokens, which the batching engine does not "
+                f"implement; start the server with --max-model-len {window} or less"
+            )
+        self.model = model
+        self.kv = kv
+        self.layers = model.model.layers
+        self.norm = model.model.norm
+        self.rotary = model.model.rotary_emb
+        self.lm_head = model.lm_head
+        self.embed = model.get_input_embeddings()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.groups = self.n_heads // self.n_kv
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x (N, heads, d); cos/sin (N, 1, d)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`."""
+        x = step.embeds  # (N, H)
+        n_tok = x.shape[0]
+        n_rows = step.kv_lens.shape[0]
+        d, n_kv, g = self.head_dim, self.n_kv, self.groups
+        cos, sin = self.rotary(x, step.positions.unsqueeze(0))  # (1, N, d)
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, d)
+        read = step.read_len
+        # Decode attention: every row's last token against its own slot; positions past its length masked.
+        keep = torch.arange(read, device=x.device).unsqueeze(0) < step.kv_lens.unsqueeze(1)  # (R, read)
+        keep = keep.view(n_rows, 1, 1, read)
+        causal = []
+        for row, start, end, first in step.chunks:
+            c = end - start
+            q_pos = first + torch.arange(c, device=x.device)
+            m = torch.arange(first + c, device=x.device).unsqueeze(0) <= q_pos.unsqueeze(1)  # (c, first + c)
+            causal.append(m.repeat(g, 1))  # query heads of one KV head are stacked along the query axis
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(n_tok, self.n_heads, d)
+            k = attn.k_proj(h).view(n_tok, n_kv, d)
+            v = attn.v_proj(h).view(n_tok, n_kv, d)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            K, V = self.kv.k[li], self.kv.v[li]
+            K[step.token_slots, :, step.positions] = k
+            V[step.token_slots, :, step.positions] = v
+            out = torch.empty(n_tok, self.n_heads, d, dtype=q.dtype, device=q.device)
+            # (R, n_kv, g, d): grouped query heads as a query axis of length g -> no K/V repeat.
+            ql = q[step.last_index].view(n_rows, n_kv, g, d)
+            o = F.scaled_dot_product_attention(ql, K[:n_rows, :, :read], V[:n_rows, :, :read], attn_mask=keep,
+                                               scale=self.scaling)  # (R, n_kv, g, d)
+            out[step.last_index] = o.reshape(n_rows, self.n_heads, d)
+            for (row, start, end, first), mask in zip(step.chunks, causal):
+                c = end - start
+                qc = q[start:end].view(c, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * c, d)
+                oc = F.scaled_dot_product_attention(
+                    qc.unsqueeze(0), K[row:row + 1, :, :first + c], V[row:row + 1, :, :first + c],
+                    attn_mask=mask, scale=self.scaling,
+                )  # (1, n_kv, g * c, d)
+                out[start:end] = oc.view(n_kv, g, c, d).permute(2, 0, 1, 3).reshape(c, self.n_heads, d)
+            x = x + attn.o_proj(out.view(n_tok, self.n_heads * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[step.last_index[step.sample_rows]]  # (S, H)
+        return self.lm_head(self.norm(last))
