@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotpeft", description="hotpeft: one resident base model, many PEFT adapters.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    from hotpeft.server import bench
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return {"serve": serve}[args.command](args)
+    return {"serve": serve, "bench": bench.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,33 @@ def test_malformed_json_is_a_400_and_the_server_keeps_serving(tiny_server, clien
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert client.chat.completions.create(model="soft", messages=MSGS, max_tokens=2).choices[0].message is not None
     assert httpx.get(tiny_server.url + "/v1/nowhere", timeout=5).json()["error"]["message"] == "Not Found"
+
+
+def test_full_queue_is_429_with_retry_after_and_nothing_is_lost(tiny_dirs, tmp_path):
+    """One KV slot and a queue of one: the third concurrent request is refused, the other two complete."""
+    import httpx
+    from conftest import ServerProcess
+
+    server = ServerProcess(["--model", str(tiny_dirs["base"]), "--dtype", "float32", "--max-num-seqs", "1",
+                            "--max-queue", "1"], tmp_path / "home")
+    body = {"model": "base", "prompt": "hold the slot", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            with c.stream("POST", "/v1/completions", json=body) as first:
+                lines = first.iter_lines()
+                next(line for line in lines if line.startswith("data: "))  # running: it holds the only slot
+                with c.stream("POST", "/v1/completions", json=body) as second:  # submitted: waits in the queue
+                    assert second.status_code == 200
+                    third = c.post("/v1/completions", json=body | {"stream": False})
+                    assert third.status_code == 429
+                    assert int(third.headers["retry-after"]) >= 1
+                    err = third.json()["error"]
+                    assert err["code"] == "server_overloaded" and "--max-queue 1" in err["message"]
+                    rest = [line for line in second.iter_lines() if line.startswith("data: ")]
+                assert rest[-1] == "data: [DONE]"
+            # Both accepted requests ran to the end, and the server is idle and still serving.
+            done = c.post("/v1/completions", json=body | {"stream": False, "max_tokens": 5}).json()
+            assert done["usage"]["completion_tokens"] == 5 and done["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.stop()

@@ -72,7 +72,7 @@ class BatchEngine(Engine):
         self.kv = kv
         self.eos_ids = eos_ids
         self.limits = limits
-        self.step_fn = LlamaStep(model, kv)
+        self.step_fn = LlamaStep(model, kv, bank)
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.vocab_size = self.embed.weight.shape[0]
@@ -250,7 +250,7 @@ class BatchEngine(Engine):
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
         token_adapters = [s.adapter_id for s, t in zip(rows, takes) for _ in range(t)]
-        self.bank.plan(torch.tensor(token_adapters, dtype=torch.long, device=dev), set(token_adapters))
+        self.bank.plan(token_adapters)
         return step, [rows[r] for r in sample_rows], takes
 
     @torch.inference_mode()

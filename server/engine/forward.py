@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hotpeft.server.engine.lora import LoraBank
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -80,7 +82,7 @@ class StepInput:
 
 
 class LlamaStep:
-    def __init__(self, model: torch.nn.Module, kv: SlotKVCache):
+    def __init__(self, model: torch.nn.Module, kv: SlotKVCache, bank: LoraBank):
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(
@@ -105,21 +107,85 @@ class LlamaStep:
         self.groups = self.n_heads // self.n_kv
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
+        self.silu = getattr(config, "hidden_act", "silu") == "silu"
+        self.fused = self._fuse()
+        # Per layer: the LoRA groups (q|k|v, o, gate|up, down); None where a layer has no such projections.
+        self.lora = [tuple(bank.group(f"model.layers.{i}.{part}", g)
+                           for part, g in (("self_attn", "qkv"), ("self_attn", "o"), ("mlp", "gate_up"), ("mlp", "down")))
+                     for i in range(len(self.layers))]
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x (N, heads, d); cos/sin (N, 1, d)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _fuse(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer: q|k|v weight and bias, gate|up weight, concatenated so that one matmul does each group.
+
+        Only for plain linear bases (not int8/nf4). The original modules' weights become views of
+        the concatenation, so no memory is added and everything else still sees the same weights.
+        """
+        fused = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            gu = [mlp.gate_proj, mlp.up_proj]
+            plain = all(type(m) is torch.nn.Linear for m in qkv + gu)
+            if not plain or getattr(self.model.config, "hidden_act", "silu") != "silu":
+                fused.append((None, None, None))
+                continue
+            fused.append((self._concat([m.weight for m in qkv]),
+                          self._concat([m.bias for m in qkv]) if qkv[0].bias is not None else None,
+                          self._concat([m.weight for m in gu])))
+        return fused
+
+    @staticmethod
+    def _concat(params: list[torch.nn.Parameter]) -> torch.Tensor:
+        whole = torch.cat([p.data for p in params])
+        start = 0
+        for p in params:
+            p.data = whole[start:start + p.shape[0]]
+            start += p.shape[0]
+        return whole
+
+    def _qkv(self, li: int, h: torch.Tensor) -> torch.Tensor:
+        """(N, (n_heads + 2 n_kv) * d): projections plus their LoRA deltas."""
+        attn = self.layers[li].self_attn
+        w, b, _ = self.fused[li]
+        out = F.linear(h, w, b) if w is not None else torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
+        group = self.lora[li][0]
+        return out if group is None else group.add_delta(out, h)
+
+    def _o(self, li: int, a: torch.Tensor) -> torch.Tensor:
+        out = self.layers[li].self_attn.o_proj(a)
+        group = self.lora[li][1]
+        return out if group is None else group.add_delta(out, a)
+
+    def _mlp(self, li: int, h: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[li].mlp
+        _, _, w = self.fused[li]
+        _, _, g_gu, g_down = self.lora[li]
+        if w is None and g_gu is None:
+            return mlp(h)
+        gu = F.linear(h, w) if w is not None else torch.cat([mlp.gate_proj(h), mlp.up_proj(h)], -1)  # (N, 2I)
+        if g_gu is not None:
+            gu = g_gu.add_delta(gu, h)
+        inter = gu.shape[-1] // 2
+        act = (F.silu if self.silu else mlp.act_fn)(gu[:, :inter]) * gu[:, inter:]
+        out = mlp.down_proj(act)
+        return out if g_down is None else g_down.add_delta(out, act)
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`."""
         x = step.embeds  # (N, H)
         n_tok = x.shape[0]
         n_rows = step.kv_lens.shape[0]
-        d, n_kv, g = self.head_dim, self.n_kv, self.groups
+        d, n_kv, g, nh = self.head_dim, self.n_kv, self.groups, self.n_heads
         cos, sin = self.rotary(x, step.positions.unsqueeze(0))  # (1, N, d)
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, d)
+        half = d // 2
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): 4 ops per RoPE.
+        sign = torch.ones(d, dtype=sin.dtype, device=sin.device)
+        sign[:half] = -1
+        cos, sin = cos[0].unsqueeze(1), (sin[0] * sign).unsqueeze(1)  # (N, 1, d)
         read = step.read_len
         # Decode attention: every row's last token against its own slot; positions past its length masked.
         keep = torch.arange(read, device=x.device).unsqueeze(0) < step.kv_lens.unsqueeze(1)  # (R, read)
@@ -131,30 +197,33 @@ class LlamaStep:
             m = torch.arange(first + c, device=x.device).unsqueeze(0) <= q_pos.unsqueeze(1)  # (c, first + c)
             causal.append(m.repeat(g, 1))  # query heads of one KV head are stacked along the query axis
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(n_tok, self.n_heads, d)
-            k = attn.k_proj(h).view(n_tok, n_kv, d)
-            v = attn.v_proj(h).view(n_tok, n_kv, d)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            h = self._norm(layer.input_layernorm, x)
+            qkv = self._qkv(li, h).view(n_tok, nh + 2 * n_kv, d)
+            qk = qkv[:, :nh + n_kv]
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on q and k at once
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + n_kv:]
             K, V = self.kv.k[li], self.kv.v[li]
             K[step.token_slots, :, step.positions] = k
             V[step.token_slots, :, step.positions] = v
-            out = torch.empty(n_tok, self.n_heads, d, dtype=q.dtype, device=q.device)
             # (R, n_kv, g, d): grouped query heads as a query axis of length g -> no K/V repeat.
             ql = q[step.last_index].view(n_rows, n_kv, g, d)
             o = F.scaled_dot_product_attention(ql, K[:n_rows, :, :read], V[:n_rows, :, :read], attn_mask=keep,
                                                scale=self.scaling)  # (R, n_kv, g, d)
-            out[step.last_index] = o.reshape(n_rows, self.n_heads, d)
-            for (row, start, end, first), mask in zip(step.chunks, causal):
-                c = end - start
-                qc = q[start:end].view(c, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * c, d)
-                oc = F.scaled_dot_product_attention(
-                    qc.unsqueeze(0), K[row:row + 1, :, :first + c], V[row:row + 1, :, :first + c],
-                    attn_mask=mask, scale=self.scaling,
-                )  # (1, n_kv, g * c, d)
-                out[start:end] = oc.view(n_kv, g, c, d).permute(2, 0, 1, 3).reshape(c, self.n_heads, d)
-            x = x + attn.o_proj(out.view(n_tok, self.n_heads * d))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if n_rows == n_tok:  # decode only: rows are tokens
+                out = o.reshape(n_tok, nh * d)
+            else:
+                out = torch.empty(n_tok, nh, d, dtype=q.dtype, device=q.device)
+                out[step.last_index] = o.reshape(n_rows, nh, d)
+                for (row, start, end, first), mask in zip(step.chunks, causal):
+                    c = end - start
+                    qc = q[start:end].reshape(c, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * c, d)
+                    oc = F.scaled_dot_product_attention(
+                        qc.unsqueeze(0), K[row:row + 1, :, :first + c], V[row:row + 1, :, :first + c],
+                        attn_mask=mask, scale=self.scaling,
+                    )  # (1, n_kv, g * c, d)
+                    out[start:end] = oc.view(n_kv, g, c, d).permute(2, 0, 1, 3).reshape(c, nh, d)
+                out = out.view(n_tok, nh * d)
+            x = x + self._o(li, out)
+            x = x + self._mlp(li, self._norm(layer.post_attention_layernorm, x))
         last = x[step.last_index[step.sample_rows]]  # (S, H)
-        return self.lm_head(self.norm(last))
+        return self.lm_head(self._norm(self.norm, last))

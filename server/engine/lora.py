@@ -1,25 +1,29 @@
 """Many LoRA adapters in one forward pass: concatenated weights and a per-token column mask.
 
-Every targetable linear layer of the base is wrapped once at start-up by `MultiLoraLinear`.
-A wrapper keeps the A matrices of all resident adapters that target it concatenated along
-the rank axis, `A_cat (sum_r, in)`, and their B matrices, already multiplied by each
-adapter's scale, as `Bt_cat (sum_r, out)`. Ranks are not padded: an adapter of rank 8 takes 8
-columns, one of rank 16 takes 16, and an adapter that does not target a layer takes none.
+The projections of a decoder layer that read the same input form a group: q|k|v, o,
+gate|up, down. For each group the bank keeps the A matrices of all resident adapters
+concatenated along the rank axis, `A_cat (sum_r, in)`, and their B matrices, already
+multiplied by each adapter's scale, as `Bt_cat (sum_r, out_q + out_k + out_v)`, block-diagonal
+within an adapter (its q rows write only q's outputs, ...). Ranks are not padded: an adapter
+takes as many columns as its ranks add up to in that group, and none where it has no target.
 
-For a step over N packed tokens the delta of every token is
+Each resident adapter has a slot in every group, its ranks zero-padded to the group's
+largest (`A (slots, r, in)`, `Bt (slots, r, out)`). A step computes the deltas of a whole
+group in one of two ways, whichever does fewer multiply-adds (no Python loop over adapters,
+no per-token copy of weights):
 
-    delta = ((x @ A_cat[lo:hi].T) * mask) @ Bt_cat[lo:hi]            # (N, out)
+- span:  out += ((x @ A[s0:s1].flat.T) * mask) @ Bt[s0:s1].flat      # every token x every slot
+  in [s0, s1); `mask` keeps each token's own slot (none for base and soft-prompt tokens) and
+  is dropped when all tokens use one adapter. Best for one adapter or long prefill chunks.
+- bmm:   tokens are gathered per slot into (s1 - s0, T, in), padded to the busiest slot's
+  count T, then two `bmm`s and an `index_add_` (Punica's segmented gather-matmul). Best for
+  decode batches spread over many adapters: each token meets only its own adapter.
+On a CPU a small matmul costs about the same whatever its size, so few, wide ops are what
+keep this cheap.
 
-where `mask (N, hi-lo)` is 1 where a column belongs to the token's own adapter and 0
-elsewhere (base tokens and soft-prompt tokens: all zeros). That is two dense matmuls and a
-multiply per layer whatever the mix of adapters: the segmented-matmul idea of Punica /
-S-LoRA in plain PyTorch, without a Python loop over adapters and without gathering a copy
-of the weights for every token. `[lo, hi)` is the span of columns that the step's adapters
-occupy; when every token uses the same adapter the mask is dropped altogether.
-
-Layers whose resident adapters are the same (usually every q_proj, every down_proj, ...)
-share one `Layout`, so a mask is built once per layout and step, not once per layer. The
-base layer itself (plain, int8 or nf4) is never modified.
+Groups whose resident adapters are the same (usually every q|k|v, every down, ...) share
+one `Layout`, so a mask is built once per layout and step. The base layers (plain, int8 or
+nf4) are never modified.
 """
 from __future__ import annotations
 
@@ -30,76 +34,117 @@ from torch import nn
 
 from hotpeft.adapters.format import LoraModule
 
-TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# projection name -> group; members of a group read the same input
+GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+            "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+MEMBER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class StepPlan:
-    """What one layout does in the current step."""
+    """What the groups of one layout do in the current step: slots [s0, s1), span or bmm."""
 
-    lo: int
-    hi: int
-    mask: torch.Tensor | None  # (N, hi - lo), or None when every token uses the adapter in [lo, hi)
+    s0: int
+    s1: int
+    mask: torch.Tensor | None = None  # span: (N, (s1 - s0) * r), None when every token uses slot s0
+    gather: torch.Tensor | None = None  # bmm: ((s1 - s0) * T,) token index per padded row
+    rows: torch.Tensor | None = None  # bmm: (M,) padded rows that hold a real token
+    tokens: torch.Tensor | None = None  # bmm: (M,) their token indices
+    per_slot: int = 0  # bmm: T
 
 
 @dataclass(eq=False)
 class Layout:
-    """Column ranges of the adapters concatenated in a layer: ((adapter id, rank), ...)."""
+    """Where the adapters of a group live: ((adapter id, slot), ...) and the padded rank r."""
 
     entries: tuple[tuple[int, int], ...]
-    cols: dict[int, tuple[int, int]] = field(default_factory=dict)  # adapter id -> [c0, c1)
-    owner: torch.Tensor | None = None  # (sum_r,) adapter id of each column
+    rank: int
+    slot_of: dict[int, int] = field(default_factory=dict)
     plan: StepPlan | None = None
 
     def __post_init__(self):
-        c = 0
-        owners = []
-        for aid, r in self.entries:
-            self.cols[aid] = (c, c + r)
-            owners += [aid] * r
-            c += r
-        self.owner = torch.tensor(owners, dtype=torch.long)
+        self.slot_of = dict(self.entries)
 
 
-class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, name: str, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.base = base
-        self.name = name
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.register_buffer("A_cat", torch.zeros(0, self.in_features, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("Bt_cat", torch.zeros(0, self.out_features, dtype=dtype, device=device), persistent=False)
+class LoraGroup:
+    """The LoRA weights of one group of projections (e.g. layer 3's q|k|v) for every resident adapter."""
+
+    def __init__(self, members: list[tuple[str, int]], in_features: int, dtype: torch.dtype, device: torch.device):
+        self.members = members  # (module name, out_features), in output order
+        self.offsets = {}
+        start = 0
+        for name, out_f in members:
+            self.offsets[name] = (start, start + out_f)
+            start += out_f
+        self.in_features, self.out_features = in_features, start
+        self.A = torch.zeros(0, 0, in_features, dtype=dtype, device=device)  # (slots, r, in)
+        self.Bt = torch.zeros(0, 0, self.out_features, dtype=dtype, device=device)  # (slots, r, out)
+        self.slot_of: dict[int, int] = {}  # adapter id -> slot
+        self.rank_of: dict[int, int] = {}  # adapter id -> its (unpadded) rank in this group
         self.layout: Layout | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out (N, out_features) += the LoRA deltas of this step's tokens; x (N, in)."""
         plan = None if self.layout is None else self.layout.plan
         if plan is None:
-            return y
-        x2 = x.reshape(-1, self.in_features).to(self.A_cat.dtype)  # (N, in)
-        xa = x2 @ self.A_cat[plan.lo:plan.hi].T  # (N, r_span)
-        if plan.mask is not None:
-            xa = xa * plan.mask
-        delta = xa @ self.Bt_cat[plan.lo:plan.hi]  # (N, out)
-        return y + delta.view_as(y).to(y.dtype)
+            return out
+        x = x.to(self.A.dtype)
+        A, Bt = self.A[plan.s0:plan.s1], self.Bt[plan.s0:plan.s1]
+        if plan.gather is None:  # span
+            xa = x @ A.reshape(-1, self.in_features).T  # (N, slots * r)
+            if plan.mask is not None:
+                xa = xa * plan.mask
+            delta = xa @ Bt.reshape(-1, self.out_features)
+        else:  # bmm
+            xs = x[plan.gather].view(A.shape[0], plan.per_slot, self.in_features)  # (slots, T, in)
+            ys = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt).view(-1, self.out_features)  # (slots * T, out)
+            return out.index_add_(0, plan.tokens, ys[plan.rows].to(out.dtype))
+        if out.dtype == delta.dtype:
+            return out.add_(delta)
+        return out + delta.to(out.dtype)
 
-    def set_weights(self, parts: list[tuple[int, LoraModule]]) -> tuple[tuple[int, int], ...]:
-        """Rebuild the concatenation from (adapter id, module) pairs; returns the layout entries."""
-        dtype, device = self.A_cat.dtype, self.A_cat.device
-        if parts:
-            self.A_cat = torch.cat([m.A.to(device=device, dtype=torch.float32) for _, m in parts]).to(dtype)
-            # The scale is folded into B once, so the forward pass never multiplies by it.
-            self.Bt_cat = torch.cat(
-                [(m.B.to(device=device, dtype=torch.float32) * m.scale).T for _, m in parts]
-            ).to(dtype).contiguous()
-        else:
-            self.A_cat = self.A_cat.new_zeros(0, self.in_features)
-            self.Bt_cat = self.Bt_cat.new_zeros(0, self.out_features)
-        return tuple((aid, m.rank) for aid, m in parts)
+    def weights_for(self, modules: dict[str, LoraModule], dtype: torch.dtype, device: torch.device):
+        """This group's (A, Bt) of one adapter, or None when it targets no member. Scale folded into Bt."""
+        present = [(name, modules[name]) for name, _ in self.members if name in modules]
+        if not present:
+            return None
+        r = sum(m.rank for _, m in present)
+        A = torch.cat([m.A.to(device=device, dtype=torch.float32) for _, m in present])
+        Bt = torch.zeros(r, self.out_features, dtype=torch.float32, device=device)
+        row = 0
+        for name, m in present:
+            o0, o1 = self.offsets[name]
+            Bt[row:row + m.rank, o0:o1] = (m.B.to(device=device, dtype=torch.float32) * m.scale).T
+            row += m.rank
+        return A.to(dtype), Bt.to(dtype)
+
+    def put(self, aid: int, A: torch.Tensor, Bt: torch.Tensor) -> None:
+        """Write one adapter into the lowest free slot (growing slots or padded rank when needed)."""
+        r = A.shape[0]
+        used = set(self.slot_of.values())
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        n_slots, r_max = max(self.A.shape[0], slot + 1), max(self.A.shape[1], r)
+        if (n_slots, r_max) != tuple(self.A.shape[:2]):
+            n_slots = max(n_slots, 2 * self.A.shape[0])  # grow by doubling: amortised copies
+            A_new = self.A.new_zeros(n_slots, r_max, self.in_features)
+            B_new = self.Bt.new_zeros(n_slots, r_max, self.out_features)
+            A_new[:self.A.shape[0], :self.A.shape[1]] = self.A
+            B_new[:self.Bt.shape[0], :self.Bt.shape[1]] = self.Bt
+            self.A, self.Bt = A_new, B_new
+        self.A[slot].zero_()
+        self.Bt[slot].zero_()
+        self.A[slot, :r] = A  # zero-padded ranks add exact zeros
+        self.Bt[slot, :r] = Bt
+        self.slot_of[aid], self.rank_of[aid] = slot, r
+
+    def drop(self, aid: int) -> None:
+        slot = self.slot_of.pop(aid)
+        self.rank_of.pop(aid)
+        self.A[slot].zero_()
+        self.Bt[slot].zero_()
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A_cat, self.Bt_cat))
+        return sum(t.numel() * t.element_size() for t in (self.A, self.Bt))
 
 
 class LoraBank:
@@ -111,19 +156,30 @@ class LoraBank:
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
         self.device = device
-        self.layers: dict[str, MultiLoraLinear] = {}
-        self.adapters: dict[str, tuple[int, dict[str, LoraModule]]] = {}  # key -> (adapter id, modules)
+        self.shapes: dict[str, tuple[int, int]] = {}  # targetable module name -> (out, in)
+        members: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+        for name, module in model.named_modules():
+            parent, _, child = name.rpartition(".")
+            if child in GROUP_OF and hasattr(module, "in_features"):
+                self.shapes[name] = (module.out_features, module.in_features)
+                members.setdefault((parent, GROUP_OF[child]), []).append((name, module.out_features, module.in_features))
+        self.groups: dict[tuple[str, str], LoraGroup] = {}
+        self.group_of: dict[str, LoraGroup] = {}
+        for key, ms in members.items():
+            ms.sort(key=lambda m: MEMBER_ORDER.index(m[0].rpartition(".")[2]))
+            group = LoraGroup([(n, o) for n, o, _ in ms], ms[0][2], dtype, device)
+            self.groups[key] = group
+            for n, _, _ in ms:
+                self.group_of[n] = group
+        self.adapters: dict[str, tuple[int, dict[tuple[str, str], int]]] = {}  # key -> (id, group -> rank)
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
         self.layouts: list[Layout] = []
-        for name, module in list(model.named_modules()):
-            if name.rsplit(".", 1)[-1] in TARGET_SUFFIXES and hasattr(module, "in_features"):
-                parent_name, _, child = name.rpartition(".")
-                wrapper = MultiLoraLinear(module, name, dtype, device)
-                setattr(model.get_submodule(parent_name), child, wrapper)
-                self.layers[name] = wrapper
+
+    def group(self, parent: str, name: str) -> LoraGroup | None:
+        return self.groups.get((parent, name))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: (m.out_features, m.in_features) for n, m in self.layers.items()}
+        return dict(self.shapes)
 
     def is_resident(self, key: str) -> bool:
         return key in self.adapters
@@ -132,62 +188,99 @@ class LoraBank:
         return 0 if key is None else self.adapters[key][0]
 
     def load(self, key: str, modules: dict[str, LoraModule]) -> bool:
-        """Make an adapter resident. Idempotent: False when it already was."""
+        """Make an adapter resident. Idempotent: False when it already was.
+
+        Costs one copy of this adapter's weights: its columns are appended to each group.
+        """
         if key in self.adapters:
             return False
-        missing = sorted(set(modules) - set(self.layers))
+        missing = sorted(set(modules) - set(self.group_of))
         if missing:  # validated on registration; checked again before any write
-            raise ValueError(f"no wrapped layer {missing[0]!r} in the base model")
-        self.adapters[key] = (self._next_id, modules)
+            raise ValueError(f"no targetable layer {missing[0]!r} in the base model")
+        # Convert everything first, then write: a failure leaves the bank as it was.
+        parts = {}
+        for gkey, group in self.groups.items():
+            w = group.weights_for(modules, self.dtype, self.device)
+            if w is not None:
+                parts[gkey] = w
+        aid = self._next_id
         self._next_id += 1
-        self._rebuild(set(modules))
+        for gkey, (A, Bt) in parts.items():
+            self.groups[gkey].put(aid, A, Bt)
+        self.adapters[key] = (aid, {gkey: A.shape[0] for gkey, (A, _) in parts.items()})
+        self._relayout()
         return True
 
     def unload(self, key: str) -> bool:
         """Drop an adapter's weights. Idempotent: False when it was not resident."""
-        entry = self.adapters.pop(key, None)
+        entry = self.adapters.get(key)
         if entry is None:
             return False
-        self._rebuild(set(entry[1]))
+        aid, ranks = entry
+        for gkey in ranks:
+            self.groups[gkey].drop(aid)
+        del self.adapters[key]
+        self._relayout()
         return True
 
-    def _rebuild(self, touched: set[str]) -> None:
-        for name in touched:
-            parts = [(aid, mods[name]) for aid, mods in self.adapters.values() if name in mods]
-            self.layers[name].set_weights(parts)
+    def _relayout(self) -> None:
         layouts: dict[tuple, Layout] = {}
-        for name, layer in self.layers.items():
-            entries = tuple((aid, mods[name].rank) for aid, mods in self.adapters.values() if name in mods)
-            if not entries:
-                layer.layout = None
+        for group in self.groups.values():
+            if not group.slot_of:
+                group.layout = None
                 continue
-            layout = layouts.get(entries)
+            sig = (tuple(sorted(group.slot_of.items())), group.A.shape[1])
+            layout = layouts.get(sig)
             if layout is None:
-                layout = layouts[entries] = Layout(entries)
-                layout.owner = layout.owner.to(self.device)
-            layer.layout = layout
+                layout = layouts[sig] = Layout(*sig)
+            group.layout = layout
         self.layouts = list(layouts.values())
 
-    def plan(self, token_ids: torch.Tensor, used: set[int]) -> None:
-        """Before a forward pass: the adapter id of every packed token (N,), 0 for none, and the set of
-        ids that occur in it (from the scheduler's own bookkeeping, so planning never waits on the device).
+    def plan(self, token_ids: list[int]) -> None:
+        """Before a forward pass: the adapter id of every packed token (0 for none).
+
+        Chooses per layout between span and bmm by their multiply-adds; built from Python lists,
+        so planning never waits on the device.
         """
-        lora_ids = used - {0}
+        n = len(token_ids)
         for layout in self.layouts:
-            mine = [layout.cols[a] for a in lora_ids if a in layout.cols]
-            if not mine:
+            slots = [layout.slot_of.get(a, -1) for a in token_ids]
+            used = sorted(set(slots) - {-1})
+            if not used:
                 layout.plan = None
                 continue
-            lo, hi = min(c0 for c0, _ in mine), max(c1 for _, c1 in mine)
-            if used == lora_ids and len(lora_ids) == 1:  # every token uses this one adapter
-                layout.plan = StepPlan(lo, hi, None)
+            s0, s1 = used[0], used[-1] + 1
+            if len(used) == 1 and -1 not in slots:  # every token uses this one adapter
+                layout.plan = StepPlan(s0, s1)
+                continue
+            counts = {s: 0 for s in range(s0, s1)}
+            for s in slots:
+                if s >= 0:
+                    counts[s] += 1
+            per_slot = max(counts.values())
+            if (s1 - s0) * per_slot * 2 < n * (s1 - s0):  # bmm rows (padded) vs span: tokens x slots
+                gather = [0] * ((s1 - s0) * per_slot)
+                rows, tokens, fill = [], [], dict.fromkeys(counts, 0)
+                for t, s in enumerate(slots):
+                    if s >= 0:
+                        row = (s - s0) * per_slot + fill[s]
+                        fill[s] += 1
+                        gather[row] = t
+                        rows.append(row)
+                        tokens.append(t)
+                dev = self.device
+                layout.plan = StepPlan(s0, s1, gather=torch.tensor(gather, device=dev),
+                                       rows=torch.tensor(rows, device=dev), tokens=torch.tensor(tokens, device=dev),
+                                       per_slot=per_slot)
             else:
-                mask = (token_ids.unsqueeze(1) == layout.owner[lo:hi].unsqueeze(0)).to(self.dtype)  # (N, hi-lo)
-                layout.plan = StepPlan(lo, hi, mask)
+                r = layout.rank
+                owner = torch.arange(s0, s1, device=self.device).repeat_interleave(r)  # (cols,)
+                tok = torch.tensor(slots, device=self.device)
+                layout.plan = StepPlan(s0, s1, mask=(tok.unsqueeze(1) == owner.unsqueeze(0)).to(self.dtype))
 
     def clear_plan(self) -> None:
         for layout in self.layouts:
             layout.plan = None
 
     def resident_bytes(self) -> int:
-        return sum(layer.resident_bytes() for layer in self.layers.values())
+        return sum(g.resident_bytes() for g in self.groups.values())
