@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     )
     max_batch_tokens: int = Field(256, ge=16, le=65536, description="tokens per forward pass: decode rows + prefill chunk")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429 with Retry-After")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for the model (default: cores - 1, at least 1: one core stays with HTTP)"
+    )
     max_n: int = Field(8, ge=1, le=128, description="largest `n` (choices per request) accepted")
     max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")

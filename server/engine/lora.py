@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hotpeft.adapters.format import LoraModule
@@ -48,8 +49,7 @@ class StepPlan:
     s1: int
     mask: torch.Tensor | None = None  # span: (N, (s1 - s0) * r), None when every token uses slot s0
     gather: torch.Tensor | None = None  # bmm: ((s1 - s0) * T,) token index per padded row
-    rows: torch.Tensor | None = None  # bmm: (M,) padded rows that hold a real token
-    tokens: torch.Tensor | None = None  # bmm: (M,) their token indices
+    back: torch.Tensor | None = None  # bmm: (N,) padded row of each token; the extra zero row for non-LoRA ones
     per_slot: int = 0  # bmm: T
 
 
@@ -96,9 +96,11 @@ class LoraGroup:
                 xa = xa * plan.mask
             delta = xa @ Bt.reshape(-1, self.out_features)
         else:  # bmm
-            xs = x[plan.gather].view(A.shape[0], plan.per_slot, self.in_features)  # (slots, T, in)
+            xs = x.index_select(0, plan.gather).view(A.shape[0], plan.per_slot, self.in_features)  # (slots, T, in)
             ys = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt).view(-1, self.out_features)  # (slots * T, out)
-            return out.index_add_(0, plan.tokens, ys[plan.rows].to(out.dtype))
+            # Gather back rather than index_add_ (which is slow for bf16 on the CPU): one extra
+            # zero row for the tokens without a LoRA here.
+            delta = F.pad(ys, (0, 0, 0, 1)).index_select(0, plan.back)  # (N, out)
         if out.dtype == delta.dtype:
             return out.add_(delta)
         return out + delta.to(out.dtype)
@@ -258,20 +260,18 @@ class LoraBank:
                 if s >= 0:
                     counts[s] += 1
             per_slot = max(counts.values())
-            if (s1 - s0) * per_slot * 2 < n * (s1 - s0):  # bmm rows (padded) vs span: tokens x slots
-                gather = [0] * ((s1 - s0) * per_slot)
-                rows, tokens, fill = [], [], dict.fromkeys(counts, 0)
+            if per_slot * 2 < n:  # padded bmm rows (slots x T) vs span (slots x N)
+                zero_row = (s1 - s0) * per_slot
+                gather, back, fill = [0] * zero_row, [zero_row] * n, dict.fromkeys(counts, 0)
                 for t, s in enumerate(slots):
                     if s >= 0:
                         row = (s - s0) * per_slot + fill[s]
                         fill[s] += 1
                         gather[row] = t
-                        rows.append(row)
-                        tokens.append(t)
+                        back[t] = row
                 dev = self.device
                 layout.plan = StepPlan(s0, s1, gather=torch.tensor(gather, device=dev),
-                                       rows=torch.tensor(rows, device=dev), tokens=torch.tensor(tokens, device=dev),
-                                       per_slot=per_slot)
+                                       back=torch.tensor(back, device=dev), per_slot=per_slot)
             else:
                 r = layout.rank
                 owner = torch.arange(s0, s1, device=self.device).repeat_interleave(r)  # (cols,)
