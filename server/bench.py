@@ -22,8 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+
+from hotpeft.server.localserver import LocalServer
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -274,41 +274,6 @@ def naive(source, quantization, device, dtype, adapters_dir: Path, models: list[
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 600):
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hotpeft.server.cli", "serve", "--port",
-                                      self.url.rsplit(":", 1)[1], *args], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; log: {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not start within {timeout:.0f}s; log: {log_path}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -348,10 +313,8 @@ def run(args: argparse.Namespace) -> dict:
     sc = result["scenarios"]
     serve_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype, "--device", args.device,
                   "--adapters-dir", str(work / "adapters"), "--max-num-seqs", str(max(n, 1)), "--log-level", "warning"]
-    env_home = os.environ.get("HOTPEFT_HOME")
-    os.environ["HOTPEFT_HOME"] = str(home)
     print(f"starting the server ({source.model_id}, quantize={args.quantize}) ...", flush=True)
-    server = _Server(serve_args, work / "server.log")
+    server = LocalServer(serve_args, work / "server.log", env={"HOTPEFT_HOME": str(home)}, start_timeout=600)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as c:
             card = c.get("/v1/models/base").json()
@@ -380,10 +343,6 @@ def run(args: argparse.Namespace) -> dict:
             sc[key] = summarize(samples, wall)
     finally:
         server.stop()
-        if env_home is None:
-            os.environ.pop("HOTPEFT_HOME", None)
-        else:
-            os.environ["HOTPEFT_HOME"] = env_home
     print("(a) naive generate + PEFT set_adapter, one request after another ...", flush=True)
     sc["a"] = naive(source, quantization, device, dtype, work / "adapters", mix, args.duration, args.max_tokens)
     ratio = lambda x, y: round(x / y, 3) if x and y else None  # noqa: E731

@@ -1,19 +1,16 @@
 """Shared fixtures: the tiny model and its adapters on disk, and real servers on 127.0.0.1."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
+
+from hotpeft.server.localserver import LocalServer  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
@@ -33,52 +30,11 @@ def tiny_dirs(tmp_path_factory):
     return {"base": base, "adapters": adapters}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`hotpeft serve` as a subprocess on 127.0.0.1; waits (bounded) until /health answers."""
+class ServerProcess(LocalServer):
+    """`hotpeft serve` on 127.0.0.1 with its own home; its log is `<home>/server.log`."""
 
     def __init__(self, args: list[str], home: Path, env: dict | None = None, start_timeout: float = 300):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = home / "server.log"
-        home.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, "HOTPEFT_HOME": str(home), **(env or {})}
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hotpeft.server.cli", "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-        )
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not answer within {start_timeout}s:\n{self.log_text()[-3000:]}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(args, home / "server.log", {"HOTPEFT_HOME": str(home), **(env or {})}, start_timeout)
 
 
 @pytest.fixture(scope="session")

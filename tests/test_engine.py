@@ -231,3 +231,29 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatc
     assert rt.engine.stats()["failed_steps"] == failed_before + 1
     assert len(run_tokens(rt, "lora-mlp", prompt, 5)) == 5
     assert rt.engine.stats()["running"] == 0
+
+
+def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tmp_path_factory):
+    rt3 = make_runtime(tiny_dirs, tmp_path_factory, max_num_seqs=1)
+    prompt = rt3.tokenizer("shutdown")["input_ids"]
+
+    async def scenario():
+        rt3.engine.start()
+        running = rt3.engine.generate(make_request(rt3, None, prompt, 200, ignore_eos=True))
+        await running.__anext__()
+        waiting = rt3.engine.generate(make_request(rt3, "lora-attn", prompt, 5))
+        await asyncio.to_thread(rt3.engine.stop)
+        outcomes = []
+        for stream in (running, waiting):
+            try:
+                async for _ in stream:
+                    pass
+                outcomes.append("finished")
+            except EngineFailure as e:
+                outcomes.append(str(e))
+        with pytest.raises(EngineFailure, match="stopped"):
+            rt3.engine.generate(make_request(rt3, None, prompt, 5))
+        return outcomes
+
+    outcomes = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert outcomes == ["the server is shutting down"] * 2

@@ -82,6 +82,7 @@ class BatchEngine(Engine):
         self._stopping = False
         self._running: list[Sequence] = []  # index == slot
         self._thread: threading.Thread | None = None
+        self._started_once = False
         self._steps = 0
         self._tokens = 0
         self._failed_steps = 0
@@ -90,6 +91,7 @@ class BatchEngine(Engine):
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
+            self._started_once = True
             self._thread = threading.Thread(target=self._loop, name="hotpeft-engine", daemon=True)
             self._thread.start()
 
@@ -103,6 +105,8 @@ class BatchEngine(Engine):
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         with self._cond:
+            if self._stopping or self._thread is None and self._started_once:
+                raise EngineFailure("the engine is stopped")
             if len(self._waiting) >= self.limits.max_queue:
                 raise Overloaded(
                     f"the server is at capacity: {len(self._waiting)} requests are waiting for one of "
@@ -142,6 +146,7 @@ class BatchEngine(Engine):
                 while not self._stopping and not self._waiting and not self._running and not self._cancelled:
                     self._cond.wait()
                 if self._stopping:
+                    self._fail_all("the server is shutting down")
                     return
                 cancelled, self._cancelled = self._cancelled, set()
                 admit = []
@@ -160,6 +165,17 @@ class BatchEngine(Engine):
                     self._step()
             except Exception:  # noqa: BLE001 - the worker must survive anything; the step already failed its rows
                 log.exception("engine loop error")
+
+    def _fail_all(self, why: str) -> None:
+        """Every waiting and running request gets an error event: no client is left waiting. Holds the lock."""
+        error = EngineFailure(why)
+        sinks = [sink for _, sink in self._waiting] + [s.sink for s in self._running]
+        self._waiting.clear()
+        for s in self._running:
+            s.done = True
+        self._compact()
+        for sink in sinks:
+            sink.put(TokenEvent("", [], error=error))
 
     def _drop_cancelled(self, cancelled: set[int]) -> None:
         if not cancelled:
