@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hotpeft.server.config import Settings
+from hotpeft.server.engine import lora
 from hotpeft.server.engine.base import EngineFailure, GenerationRequest, Overloaded, SamplingParams
 from hotpeft.server.runtime import build_runtime
 
@@ -124,13 +126,25 @@ PROMPTS = ["The quick brown fox", "A much longer prompt that needs several prefi
            "Once upon a time, in a land far away"]
 
 
-def test_mixed_batch_equals_each_request_alone_and_generate(rt, tiny_dirs):
-    """Every adapter kind and the base in one batch, prompts of different lengths, long ones chunked."""
+@pytest.mark.parametrize("lora_path", ["span", "bmm"])
+def test_mixed_batch_equals_each_request_alone_and_generate(rt, tiny_dirs, monkeypatch, lora_path):
+    """Every adapter kind and the base in one batch, prompts of different lengths, long ones chunked;
+    the LoRA deltas computed by either of the bank's two paths."""
+    monkeypatch.setattr(lora, "BMM_MIN_SAVING", float("inf") if lora_path == "span" else -1.0)
+    counts = Counter()
+    real_plan = rt.engine.bank.plan
+
+    def plan(ids):
+        real_plan(ids)
+        counts.update("bmm" if lo.plan.gather is not None else "span" for lo in rt.engine.bank.layouts if lo.plan)
+
+    monkeypatch.setattr(rt.engine.bank, "plan", plan)
     cases = [(a, rt.tokenizer(p)["input_ids"]) for p in PROMPTS for a in ADAPTERS]  # 16 rows at once
     together = run_together(rt, [make_request(rt, a, ids, 20) for a, ids in cases])
     for (adapter, ids), toks in zip(cases, together):
         assert toks == reference_tokens(tiny_dirs, adapter, ids, 20), (adapter, ids)
     assert rt.engine.stats()["running"] == 0
+    assert counts[lora_path] > 0  # the path under test did run
 
 
 def test_requests_joining_a_running_batch_do_not_disturb_it(rt):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hotpeft.server.engine.lora import LoraBank
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ZERO_AHEAD = 256  # KV positions zeroed at a time ahead of a sequence
 
 
 class UnsupportedModel(ValueError):
@@ -58,13 +59,15 @@ class SlotKVCache:
         """Zero what decode attention will read of slots 0..n_rows-1 beyond what they hold.
 
         Masked positions get zero weight, but 0 * NaN is NaN: never-written memory must not be read.
+        Zeroes ahead in blocks, so this is a handful of ops every few hundred steps, not every step.
         """
         for slot in range(n_rows):
             start = self.clean[slot]
             if start < read_len:
+                end = min(self.slot_len, max(read_len, start + ZERO_AHEAD))
                 for t in self.k + self.v:
-                    t[slot, :, start:read_len].zero_()
-                self.clean[slot] = read_len
+                    t[slot, :, start:end].zero_()
+                self.clean[slot] = end
 
 
 @dataclass

@@ -9,15 +9,16 @@ takes as many columns as its ranks add up to in that group, and none where it ha
 
 Each resident adapter has a slot in every group, its ranks zero-padded to the group's
 largest (`A (slots, r, in)`, `Bt (slots, r, out)`). A step computes the deltas of a whole
-group in one of two ways, whichever does fewer multiply-adds (no Python loop over adapters,
-no per-token copy of weights):
+group in one of two ways, whichever is estimated cheaper, multiply-adds and per-op cost
+together (no Python loop over adapters, no per-token copy of weights):
 
 - span:  out += ((x @ A[s0:s1].flat.T) * mask) @ Bt[s0:s1].flat      # every token x every slot
   in [s0, s1); `mask` keeps each token's own slot (none for base and soft-prompt tokens) and
-  is dropped when all tokens use one adapter. Best for one adapter or long prefill chunks.
+  is dropped when all tokens use one adapter. 3 ops; best for one adapter, for long prefill
+  chunks, and on a CPU for batches of a few dozen rows.
 - bmm:   tokens are gathered per slot into (s1 - s0, T, in), padded to the busiest slot's
-  count T, then two `bmm`s and an `index_add_` (Punica's segmented gather-matmul). Best for
-  decode batches spread over many adapters: each token meets only its own adapter.
+  count T, then two `bmm`s and a gather back (Punica's segmented gather-matmul): each token
+  meets only its own adapter. 6 ops; best for large batches spread over many adapters.
 On a CPU a small matmul costs about the same whatever its size, so few, wide ops are what
 keep this cheap.
 
@@ -38,6 +39,10 @@ from hotpeft.adapters.format import LoraModule
 # projection name -> group; members of a group read the same input
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
             "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+# The bmm path costs 3 more small ops than span; on the 2-core CPU of BENCHMARKS.md a small op
+# costs about what ~32M multiply-adds do, and span won at 16 rows over 8 adapters (224 vs 184
+# tok/s). So bmm is taken only when it saves more multiply-adds than that.
+BMM_MIN_SAVING = 32e6
 MEMBER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -173,6 +178,8 @@ class LoraBank:
             self.groups[key] = group
             for n, _, _ in ms:
                 self.group_of[n] = group
+        # typical in + out of a group: multiply-adds per token, slot and rank column
+        self.width = sum(g.in_features + g.out_features for g in self.groups.values()) / max(1, len(self.groups))
         self.adapters: dict[str, tuple[int, dict[tuple[str, str], int]]] = {}  # key -> (id, group -> rank)
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
         self.layouts: list[Layout] = []
@@ -260,7 +267,8 @@ class LoraBank:
                 if s >= 0:
                     counts[s] += 1
             per_slot = max(counts.values())
-            if per_slot * 2 < n:  # padded bmm rows (slots x T) vs span (slots x N)
+            saving = (n - per_slot) * (s1 - s0) * layout.rank * self.width  # span: N x slots; bmm: T x slots
+            if saving > BMM_MIN_SAVING:
                 zero_row = (s1 - s0) * per_slot
                 gather, back, fill = [0] * zero_row, [zero_row] * n, dict.fromkeys(counts, 0)
                 for t, s in enumerate(slots):
