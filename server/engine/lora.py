@@ -99,13 +99,15 @@ class LoraGroup:
             xa = x @ A.reshape(-1, self.in_features).T  # (N, slots * r)
             if plan.mask is not None:
                 xa = xa * plan.mask
-            delta = xa @ Bt.reshape(-1, self.out_features)
-        else:  # bmm
-            xs = x.index_select(0, plan.gather).view(A.shape[0], plan.per_slot, self.in_features)  # (slots, T, in)
-            ys = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt).view(-1, self.out_features)  # (slots * T, out)
-            # Gather back rather than index_add_ (which is slow for bf16 on the CPU): one extra
-            # zero row for the tokens without a LoRA here.
-            delta = F.pad(ys, (0, 0, 0, 1)).index_select(0, plan.back)  # (N, out)
+            B_flat = Bt.reshape(-1, self.out_features)
+            if out.dtype == xa.dtype:
+                return out.addmm_(xa, B_flat)  # one fused op for the second matmul and the add
+            return out + (xa @ B_flat).to(out.dtype)
+        xs = x.index_select(0, plan.gather).view(A.shape[0], plan.per_slot, self.in_features)  # (slots, T, in)
+        ys = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt).view(-1, self.out_features)  # (slots * T, out)
+        # Gather back rather than index_add_ (which is slow for bf16 on the CPU): one extra
+        # zero row for the tokens without a LoRA here.
+        delta = F.pad(ys, (0, 0, 0, 1)).index_select(0, plan.back)  # (N, out)
         if out.dtype == delta.dtype:
             return out.add_(delta)
         return out + delta.to(out.dtype)
