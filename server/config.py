@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for the model (default: cores - 1, at least 1: one core stays with HTTP)"
     )
+    max_resident_adapter_bytes: int = Field(
+        1 << 30, ge=1, description="LoRA weights the engine keeps ready; least recently used ones are evicted past it"
+    )
     max_n: int = Field(8, ge=1, le=128, description="largest `n` (choices per request) accepted")
     max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")

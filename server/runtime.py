@@ -83,7 +83,8 @@ def build_runtime(settings: Settings) -> Runtime:
                 log.warning("adapter %s: %s", av.key, w)
             log.info("registered adapter %s (%s, %d bytes) from %s", av.key, av.kind, av.adapter.nbytes, folder.name)
     kv = make_kv_cache(settings, base, dtype, device)
-    limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue)
+    limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
+                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes)
     engine = BatchEngine(base.model, base.tokenizer, bank, kv, eos_ids(base), limits)
     return Runtime(settings, base, catalog, engine, int(time.time()))
 

@@ -271,3 +271,46 @@ def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tm
 
     outcomes = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert outcomes == ["the server is shutting down"] * 2
+
+
+def test_resident_loras_stay_within_their_byte_budget_lru_never_evicting_a_running_one(rt, tiny_dirs,
+                                                                                       tmp_path_factory):
+    bank = rt.engine.bank
+    sizes = {a: bank.bytes_needed(rt.catalog.resolve(a).adapter.adapter.lora) for a in ("lora-attn", "lora-mlp")}
+    # Room for lora-mlp and one lora-attn, not for lora-mlp and two lora-attn-sized adapters.
+    budget = sizes["lora-mlp"] + sizes["lora-attn"] + sizes["lora-attn"] // 2
+    rt4 = make_runtime(tiny_dirs, tmp_path_factory, max_resident_adapter_bytes=budget)
+    rt4.engine.start()
+    try:
+        prompt = rt4.tokenizer("budget")["input_ids"]
+        expected = {a: run_tokens(rt, a, prompt, 6) for a in ("lora-attn", "lora-mlp", "lora-tmpl")}
+        seen = []
+        for a in ["lora-mlp", "lora-attn", "lora-tmpl", "lora-mlp", "lora-attn"]:
+            assert run_tokens(rt4, a, prompt, 6) == expected[a]  # evicted and reloaded: same tokens
+            stats = rt4.engine.stats()
+            assert stats["resident_lora_bytes"] <= budget
+            seen.append(sorted(k.split("@")[0] for k in rt4.engine.bank.adapters))
+        # Each load evicts the least recently used adapter, and only as many as it must.
+        assert seen == [["lora-mlp"], ["lora-attn", "lora-mlp"], ["lora-attn", "lora-tmpl"],
+                        ["lora-mlp", "lora-tmpl"], ["lora-attn", "lora-mlp"]]
+
+        async def scenario():
+            # lora-mlp runs a long request: loading the two others must not evict it; they take turns.
+            long = rt4.engine.generate(make_request(rt4, "lora-mlp", prompt, 60, ignore_eos=True))
+            await long.__anext__()
+            others = await asyncio.gather(*(_tokens(rt4, make_request(rt4, a, prompt, 6))
+                                            for a in ("lora-attn", "lora-tmpl")))
+            rest = [t async for ev in long for t in ev.token_ids]
+            return others, rest
+
+        others, rest = asyncio.run(scenario())
+        assert others == [expected["lora-attn"], expected["lora-tmpl"]] and len(rest) == 59
+        assert rt4.engine.stats()["resident_lora_bytes"] <= budget
+
+        too_small = make_runtime(tiny_dirs, tmp_path_factory, max_resident_adapter_bytes=sizes["lora-mlp"] - 1)
+        too_small.engine.start()
+        with pytest.raises(EngineFailure, match="max-resident-adapter-bytes"):
+            run_tokens(too_small, "lora-mlp", prompt, 2)
+        too_small.engine.stop()
+    finally:
+        rt4.engine.stop()

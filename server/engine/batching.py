@@ -39,6 +39,7 @@ log = logging.getLogger("hotpeft.engine")
 class EngineLimits:
     max_batch_tokens: int = 256  # tokens per forward pass (decode rows + prefill chunks)
     max_queue: int = 256  # waiting requests before 429
+    max_resident_adapter_bytes: int = 1 << 30  # LoRA weights in the engine's stacks (LRU by bytes)
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Sequence:
     sink: EventSink
     slot: int
     adapter_id: int  # LoRA bank id, 0 = no LoRA
+    lora_key: str | None  # the resident LoRA this row uses (never evicted while it runs)
     embeds: torch.Tensor | None  # (P, H) prompt embeddings incl. soft prompt; dropped after prefill
     prompt_len: int  # P: positions of the prompt, virtual tokens included
     detok: IncrementalText
@@ -136,6 +138,7 @@ class BatchEngine(Engine):
             "tokens": self._tokens,
             "failed_steps": self._failed_steps,
             "resident_loras": len(self.bank.adapters),
+            "resident_lora_bytes": self.bank.adapters_bytes(),
             "alive": self._thread is not None and self._thread.is_alive(),
         }
 
@@ -158,9 +161,11 @@ class BatchEngine(Engine):
                     self._waiting = kept
             try:
                 self._drop_cancelled(cancelled)
-                for request, sink in admit:
-                    if request.request_id not in cancelled:
-                        self._admit(request, sink)
+                for i, (request, sink) in enumerate(admit):
+                    if request.request_id not in cancelled and not self._admit(request, sink):
+                        with self._cond:  # no room for its adapter yet: it and those behind it wait
+                            self._waiting.extendleft(reversed(admit[i:]))
+                        break
                 if self._running:
                     self._step()
             except Exception:  # noqa: BLE001 - the worker must survive anything; the step already failed its rows
@@ -185,18 +190,51 @@ class BatchEngine(Engine):
                 seq.done = True
         self._compact()
 
+    def _make_room(self, key: str, modules) -> bool:
+        """Evict least recently used adapters (not pinned, not used by a running row) until `key` fits.
+
+        False when it cannot fit yet (rows still use what would have to go): the request waits.
+        """
+        budget = self.limits.max_resident_adapter_bytes
+        need = self.bank.bytes_needed(modules)
+        if need > budget:
+            raise ValueError(
+                f"adapter {key} needs {need / 2**20:.1f} MiB of LoRA memory, more than "
+                f"--max-resident-adapter-bytes {budget}; raise it to at least {need}"
+            )
+        in_use = {s.lora_key for s in self._running} | self.bank.pinned
+        for victim in self.bank.lru():
+            if self.bank.adapters_bytes() + need <= budget:
+                break
+            if victim not in in_use:
+                self.bank.unload(victim)
+                log.info("evicted adapter %s from the engine (LRU, --max-resident-adapter-bytes)", victim)
+        if self.bank.adapters_bytes() + need <= budget:
+            return True
+        if not self._running:  # nothing will ever finish and free room: only pinned adapters are left
+            raise ValueError(
+                f"adapter {key} needs {need / 2**20:.1f} MiB of LoRA memory, but pinned adapters hold "
+                f"{self.bank.adapters_bytes() / 2**20:.1f} MiB of --max-resident-adapter-bytes {budget}"
+            )
+        return False
+
     @torch.inference_mode()
-    def _admit(self, request: GenerationRequest, sink: EventSink) -> None:
+    def _admit(self, request: GenerationRequest, sink: EventSink) -> bool:
+        """Start a request in a free slot. False: its adapter has no room yet (nothing changed)."""
         try:
             ids = request.prompt_ids
             if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
             adapter = request.adapter
-            adapter_id = 0
+            adapter_id, lora_key = 0, None
             embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, H)
             if adapter is not None and adapter.kind == "lora":
-                self.bank.load(adapter.key, adapter.adapter.lora)
-                adapter_id = self.bank.adapter_id(adapter.key)
+                lora_key = adapter.key
+                if not self.bank.is_resident(lora_key) and not self._make_room(lora_key, adapter.adapter.lora):
+                    return False
+                self.bank.load(lora_key, adapter.adapter.lora)
+                self.bank.touch(lora_key)
+                adapter_id = self.bank.adapter_id(lora_key)
             elif adapter is not None and adapter.kind == "prompt_tuning":
                 # Soft prompt: virtual-token embeddings before the input, positions 0..n-1 (as PEFT does).
                 soft = adapter.adapter.soft_prompt.to(device=self.device, dtype=embeds.dtype)  # (n, H)
@@ -209,14 +247,15 @@ class BatchEngine(Engine):
         except Exception as e:  # noqa: BLE001 - this request fails, nothing else
             log.exception("request %d could not be admitted", request.request_id)
             sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
-            return
+            return True
         slot = len(self._running)
         self.kv.release(slot)
         p = request.params
         self._running.append(Sequence(
-            request, sink, slot, adapter_id, embeds, embeds.shape[0],
+            request, sink, slot, adapter_id, lora_key, embeds, embeds.shape[0],
             IncrementalText(self.tokenizer, list(p.stop)), make_generator(p.seed),
         ))
+        return True
 
     def _build(self) -> tuple[StepInput, list[Sequence], list[int]]:
         rows = self._running

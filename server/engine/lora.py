@@ -184,6 +184,9 @@ class LoraBank:
         self.width = sum(g.in_features + g.out_features for g in self.groups.values()) / max(1, len(self.groups))
         self.adapters: dict[str, tuple[int, dict[tuple[str, str], int]]] = {}  # key -> (id, group -> rank)
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
+        self._bytes: dict[str, int] = {}
+        self._used: dict[str, None] = {}  # insertion order = least recently used first
+        self.pinned: set[str] = set()  # never evicted
         self.layouts: list[Layout] = []
 
     def group(self, parent: str, name: str) -> LoraGroup | None:
@@ -194,6 +197,26 @@ class LoraBank:
 
     def is_resident(self, key: str) -> bool:
         return key in self.adapters
+
+    def adapter_bytes(self, key: str) -> int:
+        """What one resident adapter holds in the stacks (its group ranks, unpadded)."""
+        return self._bytes[key]
+
+    def bytes_needed(self, modules: dict[str, LoraModule]) -> int:
+        size = torch.empty((), dtype=self.dtype).element_size()
+        total = 0
+        for group in self.groups.values():
+            r = sum(modules[n].rank for n, _ in group.members if n in modules)
+            total += r * (group.in_features + group.out_features) * size
+        return total
+
+    def lru(self) -> list[str]:
+        """Resident adapter keys, least recently used first."""
+        return list(self._used)
+
+    def touch(self, key: str) -> None:
+        self._used.pop(key, None)
+        self._used[key] = None
 
     def adapter_id(self, key: str | None) -> int:
         return 0 if key is None else self.adapters[key][0]
@@ -219,6 +242,8 @@ class LoraBank:
         for gkey, (A, Bt) in parts.items():
             self.groups[gkey].put(aid, A, Bt)
         self.adapters[key] = (aid, {gkey: A.shape[0] for gkey, (A, _) in parts.items()})
+        self._bytes[key] = sum((A.numel() + Bt.numel()) * A.element_size() for A, Bt in parts.values())
+        self.touch(key)
         self._relayout()
         return True
 
@@ -231,6 +256,8 @@ class LoraBank:
         for gkey in ranks:
             self.groups[gkey].drop(aid)
         del self.adapters[key]
+        del self._bytes[key]
+        self._used.pop(key, None)
         self._relayout()
         return True
 
@@ -293,4 +320,9 @@ class LoraBank:
             layout.plan = None
 
     def resident_bytes(self) -> int:
+        """Bytes allocated by the stacks (padded, with room for more slots)."""
         return sum(g.resident_bytes() for g in self.groups.values())
+
+    def adapters_bytes(self) -> int:
+        """Bytes the resident adapters themselves take: what the residency budget counts."""
+        return sum(self._bytes.values())
