@@ -135,10 +135,16 @@ class LoraGroup:
         n_slots, r_max = max(self.A.shape[0], slot + 1), max(self.A.shape[1], r)
         if (n_slots, r_max) != tuple(self.A.shape[:2]):
             n_slots = max(n_slots, 2 * self.A.shape[0])  # grow by doubling: amortised copies
-            A_new = self.A.new_zeros(n_slots, r_max, self.in_features)
-            B_new = self.Bt.new_zeros(n_slots, r_max, self.out_features)
-            A_new[:self.A.shape[0], :self.A.shape[1]] = self.A
-            B_new[:self.Bt.shape[0], :self.Bt.shape[1]] = self.Bt
+            old_n, old_r = self.A.shape[:2]
+            # Uninitialised, not zeroed: a slot is zeroed when it is written (`put`) and when it is
+            # freed (`drop`), and slots above the highest used one are never read. Only the rank
+            # padding added to the slots in use must be zero.
+            A_new = self.A.new_empty(n_slots, r_max, self.in_features)
+            B_new = self.Bt.new_empty(n_slots, r_max, self.out_features)
+            A_new[:old_n, :old_r] = self.A
+            B_new[:old_n, :old_r] = self.Bt
+            A_new[:old_n, old_r:] = 0
+            B_new[:old_n, old_r:] = 0
             self.A, self.Bt = A_new, B_new
         self.A[slot].zero_()
         self.Bt[slot].zero_()
