@@ -16,6 +16,7 @@ Requests that find no free slot wait; past `max_queue` waiting requests `submit`
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -259,17 +260,18 @@ class BatchEngine(Engine):
 
     def _build(self) -> tuple[StepInput, list[Sequence], list[int]]:
         rows = self._running
-        n_decode = sum(1 for s in rows if s.decoding)
-        budget = self.limits.max_batch_tokens - n_decode
-        takes, pieces, positions, slots, chunks, sample_rows = [], [], [], [], [], []
         decode_tokens = [s.last_token for s in rows if s.decoding]
+        all_decoding = len(decode_tokens) == len(rows)
+        budget = self.limits.max_batch_tokens - len(decode_tokens)
+        takes, pieces, positions, slots, chunks, sample_rows = [], [], [], [], [], []
         decode_embeds = self.embed(torch.tensor(decode_tokens, dtype=torch.long, device=self.device)) if decode_tokens else None
         di = 0
         n_tok = 0
         for row, s in enumerate(rows):
             if s.decoding:
                 take = 1
-                pieces.append(decode_embeds[di:di + 1])
+                if not all_decoding:
+                    pieces.append(decode_embeds[di:di + 1])
                 di += 1
                 sample_rows.append(row)
             else:
@@ -286,14 +288,11 @@ class BatchEngine(Engine):
             n_tok += take
         dev = self.device
         kv_lens = [s.kv_len + t for s, t in zip(rows, takes)]
-        ends, acc = [], 0
-        for t in takes:
-            acc += t
-            ends.append(acc - 1)
-        last_index = torch.tensor(ends, dtype=torch.long, device=dev)
-        embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if decode_embeds is not None and len(decode_tokens) == len(rows):
-            embeds = decode_embeds  # all rows decoding: already in row order
+        last_index = torch.tensor(list(itertools.accumulate(takes)), dtype=torch.long, device=dev) - 1
+        if all_decoding:
+            embeds = decode_embeds  # already in row order
+        else:
+            embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         step = StepInput(
             embeds=embeds,
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
