@@ -39,3 +39,26 @@ def test_quantized_base_serves_lora_and_soft_prompts(tiny_dirs, tmp_path, quanti
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nf4_is_the_default_on_cuda():
     assert basemodel.default_quantization(torch.device("cuda")) == "nf4"
+
+
+def test_quantized_base_applies_a_lora_that_targets_only_down_proj(tiny_dirs, tmp_path):
+    """Without fused gate|up (int8 base), a LoRA on down_proj alone must still change the output, as PEFT's does."""
+    import tiny
+    from peft import PeftModel
+
+    adapters = tmp_path / "adapters"
+    tiny.save_lora(tiny_dirs["base"], adapters / "down-only", r=8, targets=["down_proj"], seed=5)
+    rt = build_runtime(Settings(model=str(tiny_dirs["base"]), adapters_dir=adapters, quantize="int8",
+                                dtype="float32", home=tmp_path / "home"))
+    rt.engine.start()
+    try:
+        prompt = rt.tokenizer("only the down projection")["input_ids"]
+        ours = run_tokens(rt, "down-only", prompt, 12)
+        assert ours != run_tokens(rt, None, prompt, 12)
+    finally:
+        rt.engine.stop()
+    src = basemodel.ModelSource("tiny-llama", tiny_dirs["base"])
+    model = basemodel.load_base(src, "int8", device=torch.device("cpu"), dtype=torch.float32).model
+    model = PeftModel.from_pretrained(model, adapters / "down-only")
+    reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+    assert ours == reference.tolist()

@@ -163,7 +163,7 @@ class LlamaStep:
         mlp = self.layers[li].mlp
         _, _, w = self.fused[li]
         _, _, g_gu, g_down = self.lora[li]
-        if w is None and g_gu is None:
+        if w is None and g_gu is None and g_down is None:
             return mlp(h)
         gu = F.linear(h, w) if w is not None else torch.cat([mlp.gate_proj(h), mlp.up_proj(h)], -1)  # (N, 2I)
         if g_gu is not None:
