@@ -57,11 +57,10 @@ def build_runtime(settings: Settings) -> Runtime:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise basemodel.ModelUnavailable("--device cuda was given, but no CUDA device is available")
     dtype = pick_dtype(settings.dtype, device)
-    if device.type == "cpu":
-        # The engine thread and the HTTP event loop share the cores: with every core in torch's
-        # pool, the loop's work per token preempts matmul threads and each step waits for the
-        # slowest. Measured on 2 cores: 311 vs 219-274 tok/s for 16 streams (see BENCHMARKS.md).
-        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) - 1))
+    # On the CPU the engine thread and the HTTP event loop share the cores: with every core in
+    # torch's pool, the loop's work per token preempts matmul threads and each step waits for the
+    # slowest. Measured on 2 cores: 311 vs 219-274 tok/s for 16 streams (see BENCHMARKS.md).
+    threads = settings.threads or (max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else None)
     quantization = None if settings.quantize == "auto" else settings.quantize
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
@@ -84,7 +83,7 @@ def build_runtime(settings: Settings) -> Runtime:
             log.info("registered adapter %s (%s, %d bytes) from %s", av.key, av.kind, av.adapter.nbytes, folder.name)
     kv = make_kv_cache(settings, base, dtype, device)
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
-                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes)
+                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
     engine = BatchEngine(base.model, base.tokenizer, bank, kv, eos_ids(base), limits)
     return Runtime(settings, base, catalog, engine, int(time.time()))
 

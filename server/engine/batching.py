@@ -41,6 +41,7 @@ class EngineLimits:
     max_batch_tokens: int = 256  # tokens per forward pass (decode rows + prefill chunks)
     max_queue: int = 256  # waiting requests before 429
     max_resident_adapter_bytes: int = 1 << 30  # LoRA weights in the engine's stacks (LRU by bytes)
+    threads: int | None = None  # torch intra-op threads of the engine thread (None: leave as is)
 
 
 @dataclass(eq=False)
@@ -145,6 +146,11 @@ class BatchEngine(Engine):
 
     # ---- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.limits.threads:
+            # Set where the model runs, whichever thread built the engine (some OpenMP builds keep the
+            # count per thread).
+            torch.set_num_threads(self.limits.threads)
+        log.info("engine thread started: %d torch threads", torch.get_num_threads())
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running and not self._cancelled:
@@ -231,9 +237,13 @@ class BatchEngine(Engine):
             embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, H)
             if adapter is not None and adapter.kind == "lora":
                 lora_key = adapter.key
-                if not self.bank.is_resident(lora_key) and not self._make_room(lora_key, adapter.adapter.lora):
-                    return False
-                self.bank.load(lora_key, adapter.adapter.lora)
+                if not self.bank.is_resident(lora_key):
+                    if not self._make_room(lora_key, adapter.adapter.lora):
+                        return False
+                    t0 = time.perf_counter()
+                    self.bank.load(lora_key, adapter.adapter.lora)
+                    log.info("adapter %s loaded into the engine in %.1f ms (%.1f MiB)", lora_key,
+                             (time.perf_counter() - t0) * 1000, self.bank.adapter_bytes(lora_key) / 2**20)
                 self.bank.touch(lora_key)
                 adapter_id = self.bank.adapter_id(lora_key)
             elif adapter is not None and adapter.kind == "prompt_tuning":
