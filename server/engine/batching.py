@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,7 +60,6 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     done: bool = False
-    admitted_at: float = field(default_factory=time.monotonic)
 
     @property
     def decoding(self) -> bool:
@@ -86,7 +85,6 @@ class BatchEngine(Engine):
         self._stopping = False
         self._running: list[Sequence] = []  # index == slot
         self._thread: threading.Thread | None = None
-        self._started_once = False
         self._steps = 0
         self._tokens = 0
         self._failed_steps = 0
@@ -95,7 +93,6 @@ class BatchEngine(Engine):
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            self._started_once = True
             self._thread = threading.Thread(target=self._loop, name="hotpeft-engine", daemon=True)
             self._thread.start()
 
@@ -109,7 +106,7 @@ class BatchEngine(Engine):
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         with self._cond:
-            if self._stopping or self._thread is None and self._started_once:
+            if self._stopping:  # stays set after stop() until the next start()
                 raise EngineFailure("the engine is stopped")
             if len(self._waiting) >= self.limits.max_queue:
                 raise Overloaded(

@@ -110,6 +110,8 @@ class LlamaStep:
         self.groups = self.n_heads // self.n_kv
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
+        self.rope_sign = torch.ones(self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
+        self.rope_sign[:self.head_dim // 2] = -1
         self.silu = getattr(config, "hidden_act", "silu") == "silu"
         self.fused = self._fuse()
         # Per layer: the LoRA groups (q|k|v, o, gate|up, down); None where a layer has no such projections.
@@ -186,9 +188,7 @@ class LlamaStep:
         cos, sin = self.rotary(x, step.positions.unsqueeze(0))  # (1, N, d)
         half = d // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): 4 ops per RoPE.
-        sign = torch.ones(d, dtype=sin.dtype, device=sin.device)
-        sign[:half] = -1
-        cos, sin = cos[0].unsqueeze(1), (sin[0] * sign).unsqueeze(1)  # (N, 1, d)
+        cos, sin = cos[0].unsqueeze(1), (sin[0] * self.rope_sign).unsqueeze(1)  # (N, 1, d)
         read = step.read_len
         # Decode attention: every row's last token against its own slot; positions past its length masked.
         keep = torch.arange(read, device=x.device).unsqueeze(0) < step.kv_lens.unsqueeze(1)  # (R, read)

@@ -85,7 +85,6 @@ class LoraGroup:
         self.A = torch.zeros(0, 0, in_features, dtype=dtype, device=device)  # (slots, r, in)
         self.Bt = torch.zeros(0, 0, self.out_features, dtype=dtype, device=device)  # (slots, r, out)
         self.slot_of: dict[int, int] = {}  # adapter id -> slot
-        self.rank_of: dict[int, int] = {}  # adapter id -> its (unpadded) rank in this group
         self.layout: Layout | None = None
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -150,16 +149,12 @@ class LoraGroup:
         self.Bt[slot].zero_()
         self.A[slot, :r] = A  # zero-padded ranks add exact zeros
         self.Bt[slot, :r] = Bt
-        self.slot_of[aid], self.rank_of[aid] = slot, r
+        self.slot_of[aid] = slot
 
     def drop(self, aid: int) -> None:
         slot = self.slot_of.pop(aid)
-        self.rank_of.pop(aid)
         self.A[slot].zero_()
         self.Bt[slot].zero_()
-
-    def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.Bt))
 
 
 class LoraBank:
@@ -188,7 +183,7 @@ class LoraBank:
                 self.group_of[n] = group
         # typical in + out of a group: multiply-adds per token, slot and rank column
         self.width = sum(g.in_features + g.out_features for g in self.groups.values()) / max(1, len(self.groups))
-        self.adapters: dict[str, tuple[int, dict[tuple[str, str], int]]] = {}  # key -> (id, group -> rank)
+        self.adapters: dict[str, tuple[int, set[tuple[str, str]]]] = {}  # key -> (id, the groups it has weights in)
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
         self._bytes: dict[str, int] = {}
         self._used: dict[str, None] = {}  # insertion order = least recently used first
@@ -247,8 +242,8 @@ class LoraBank:
         self._next_id += 1
         for gkey, (A, Bt) in parts.items():
             self.groups[gkey].put(aid, A, Bt)
-        self.adapters[key] = (aid, {gkey: A.shape[0] for gkey, (A, _) in parts.items()})
-        self._bytes[key] = sum((A.numel() + Bt.numel()) * A.element_size() for A, Bt in parts.values())
+        self.adapters[key] = (aid, set(parts))
+        self._bytes[key] = self.bytes_needed(modules)
         self.touch(key)
         self._relayout()
         return True
@@ -258,8 +253,8 @@ class LoraBank:
         entry = self.adapters.get(key)
         if entry is None:
             return False
-        aid, ranks = entry
-        for gkey in ranks:
+        aid, gkeys = entry
+        for gkey in gkeys:
             self.groups[gkey].drop(aid)
         del self.adapters[key]
         del self._bytes[key]
@@ -324,10 +319,6 @@ class LoraBank:
     def clear_plan(self) -> None:
         for layout in self.layouts:
             layout.plan = None
-
-    def resident_bytes(self) -> int:
-        """Bytes allocated by the stacks (padded, with room for more slots)."""
-        return sum(g.resident_bytes() for g in self.groups.values())
 
     def adapters_bytes(self) -> int:
         """Bytes the resident adapters themselves take: what the residency budget counts."""
