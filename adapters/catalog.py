@@ -1,35 +1,46 @@
-"""The in-process catalogue of adapter versions, and how a request's `model` resolves.
+"""The adapters one base model can serve: registration, resolution of a request's `model`, loading.
 
-Names map to numbered versions; one version per name is active. Registration validates the
-whole adapter first and only then adds it, under a lock, so nothing is ever half-registered.
+    register  validate the whole folder against the base -> content-addressed store -> one
+              registry transaction (new version, made active). Nothing is written before the
+              adapter is known good; a crash leaves the version wholly there or wholly absent.
+    resolve   `name` (active version) or `name@N`, from an in-memory snapshot of the registry that
+              `watch` refreshes when another process changes the registry.
+    load      the version's weights: CPU tier (bounded, LRU by bytes) <- store on disk.
+
+Used by the server and by the trainer (which registers what it trained); imports neither.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import shutil
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotpeft.adapters.errors import AdapterNotFound
-from hotpeft.adapters.format import BaseSpec, ParsedAdapter, load_adapter_dir
+from hotpeft.adapters.cache import AdapterCache
+from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterNotFound
+from hotpeft.adapters.format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, ParsedAdapter, load_adapter_dir, parse_adapter
+from hotpeft.adapters.merge import Source, check_recipe, merge
 from hotpeft.adapters.names import BASE_ALIAS, parse_model_ref, validate_name
+from hotpeft.adapters.registry import AdapterRegistry, NewVersion, Snapshot, VersionRecord
+from hotpeft.adapters.store import TEMPLATE_FILE, AdapterStore
+
+log = logging.getLogger("hotpeft.adapters")
 
 BASE_KEY = "__base__"  # the base model is an explicit id, never None
 
 
 @dataclass(frozen=True)
 class AdapterVersion:
-    name: str
-    version: int
-    adapter: ParsedAdapter
-    source: str
-    created: int
-    description: str = ""
+    """One servable adapter: its weights, the key caches know it by, and its registry record
+    (None for a per-request mix, which is never registered)."""
 
-    @property
-    def key(self) -> str:
-        """Identity of this exact version: engine caches are keyed by it."""
-        return f"{self.name}@{self.version}"
+    key: str
+    adapter: ParsedAdapter
+    record: VersionRecord | None = None
 
     @property
     def kind(self) -> str:
@@ -38,68 +49,226 @@ class AdapterVersion:
 
 @dataclass(frozen=True)
 class Resolved:
-    """What a request's `model` names: the base (adapter None) or one adapter version."""
+    """What a request's `model` names: the base (record None) or one registered version."""
 
     requested: str
-    adapter: AdapterVersion | None
+    record: VersionRecord | None
 
     @property
     def key(self) -> str:
-        return BASE_KEY if self.adapter is None else self.adapter.key
+        return BASE_KEY if self.record is None else self.record.key
 
 
 class AdapterCatalog:
-    def __init__(self, base: BaseSpec, *, max_lora_rank: int, allow_foreign_base: bool = False):
+    def __init__(self, registry: AdapterRegistry, store: AdapterStore, base: BaseSpec, base_fingerprint: str, *,
+                 max_lora_rank: int, allow_foreign_base: bool = False, max_cpu_bytes: int = 2 << 30):
+        self.registry = registry
+        self.store = store
         self.base = base
+        self.base_fingerprint = base_fingerprint
         self.max_lora_rank = max_lora_rank
         self.allow_foreign_base = allow_foreign_base
-        self._lock = threading.Lock()
-        self._versions: dict[str, dict[int, AdapterVersion]] = {}
-        self._active: dict[str, int] = {}
+        self.cache = AdapterCache(max_cpu_bytes)
+        self.on_removed: list[Callable[[set[str]], None]] = []  # told the keys of deleted versions
+        self._refresh_lock = threading.Lock()
+        self._snap: Snapshot = registry.snapshot()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
-    def register_dir(self, name: str, path: Path, *, source: str = "import", description: str = "") -> AdapterVersion:
+    # ---- registration -------------------------------------------------------------------------
+    def validate_dir(self, path: Path, *, label: str | None = None) -> ParsedAdapter:
+        return load_adapter_dir(path, self.base, max_lora_rank=self.max_lora_rank,
+                                allow_foreign_base=self.allow_foreign_base, label=label)
+
+    def register_dir(self, name: str, path: Path, *, source: str, label: str | None = None, description: str = "",
+                     source_detail: dict | None = None, metrics: dict | None = None) -> VersionRecord:
+        """Validate the PEFT folder at `path` completely, store it, and add it as the active version."""
         validate_name(name)
-        parsed = load_adapter_dir(
-            path, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=self.allow_foreign_base
+        parsed = self.validate_dir(path, label=label)
+        with self.store.staging() as staged:
+            for f in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(path / f, staged / f)
+            if parsed.chat_template is not None:  # from chat_template.jinja or tokenizer_config.json
+                (staged / TEMPLATE_FILE).write_text(parsed.chat_template)
+            stored = self.store.put(staged, {"kind": parsed.kind, "base_fingerprint": self.base_fingerprint})
+        cfg = parsed.config
+        new = NewVersion(
+            kind=parsed.kind, base_model=self.base.model_id, base_fingerprint=self.base_fingerprint,
+            size_bytes=stored.size_bytes, sha256=stored.weights_sha256, store_key=stored.key, source=source,
+            rank=parsed.rank, alpha=float(cfg["lora_alpha"]) if parsed.kind == "lora" and "lora_alpha" in cfg else None,
+            target_modules=sorted({m.rpartition(".")[2] for m in parsed.lora}) if parsed.kind == "lora" else None,
+            num_virtual_tokens=parsed.num_virtual_tokens or None, source_detail=source_detail, metrics=metrics,
+            description=description, warnings=list(parsed.warnings),
         )
-        return self.register(name, parsed, source=source, description=description)
+        record = self.registry.add_version(name, new)
+        self.cache.put(record.key, parsed)
+        self.refresh()
+        for w in parsed.warnings:
+            log.warning("adapter %s: %s", record.key, w)
+        log.info("registered adapter %s (%s, %d bytes, %s)", record.key, record.kind, record.size_bytes, source)
+        return record
 
-    def register(self, name: str, parsed: ParsedAdapter, *, source: str, description: str = "") -> AdapterVersion:
+    def register_merge(self, name: str, sources: list[tuple[str, float]], strategy: str, *,
+                       density: float | None = None, description: str = "", param: str = "sources") -> VersionRecord:
+        """Combine registered LoRA adapters (`name` or `name@N`, weight) into a new registered adapter."""
         validate_name(name)
-        with self._lock:
-            versions = self._versions.setdefault(name, {})
-            number = max(versions, default=0) + 1
-            av = AdapterVersion(name, number, parsed, source, int(time.time()), description)
-            versions[number] = av
-            self._active[name] = number
-            return av
+        recipe = self._recipe(sources, strategy, density, param)
+        config, tensors = merge(recipe, strategy, density=density, all_modules=self.base.linear_shapes)
+        detail = {"strategy": strategy, "density": density,
+                  "sources": [{"name": s.label, "weight": s.weight} for s in recipe]}
+        with self.store.staging() as staged:
+            _write_peft_folder(staged, config, tensors)
+            return self.register_dir(name, staged, source="merge", label="merged adapter", description=description,
+                                     source_detail=detail)
 
-    def active(self) -> list[AdapterVersion]:
-        with self._lock:
-            return [self._versions[n][v] for n, v in sorted(self._active.items())]
+    def mix(self, sources: list[tuple[str, float]], strategy: str, *, density: float | None = None,
+            param: str = "adapters") -> AdapterVersion:
+        """A weighted combination for one request, never registered; cached by its exact recipe
+        (names with versions, weights, strategy), so a new version of a source makes a new mix."""
+        recipe = self._recipe(sources, strategy, density, param)
+        spec = json.dumps([[s.label, s.weight] for s in recipe] + [strategy, density])
+        key = "mix:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
 
-    def resolve(self, model: str) -> Resolved:
+        def build() -> ParsedAdapter:
+            config, tensors = merge(recipe, strategy, density=density, all_modules=self.base.linear_shapes)
+            try:
+                return parse_adapter(config, tensors, self.base, max_lora_rank=self.max_lora_rank,
+                                     allow_foreign_base=True)
+            except AdapterError as e:  # e.g. a `cat` whose summed rank is above --max-lora-rank
+                e.param = e.param or param
+                raise
+
+        return AdapterVersion(key, self.cache.get_or_load(key, build))
+
+    def _recipe(self, sources: list[tuple[str, float]], strategy: str, density, param: str) -> list[Source]:
+        recipe = []
+        for ref, weight in sources:
+            resolved = self.resolve(ref, param=param)
+            if resolved.record is None:
+                raise AdapterNotFound(f"{ref!r} is the base model; merge sources must be adapters", param=param)
+            recipe.append(Source(resolved.record.key, self.load(resolved.record).adapter, float(weight)))
+        check_recipe(recipe, strategy, density, param=param)
+        return recipe
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def promote(self, name: str, version: int) -> VersionRecord:
+        record = self.registry.promote(name, version)
+        self.refresh()
+        return record
+
+    def delete(self, name: str, version: int | None = None) -> list[VersionRecord]:
+        removed = self.registry.delete(name, version)
+        self.refresh()
+        self.collect_garbage()
+        return removed
+
+    def collect_garbage(self, grace_s: float = 600.0) -> list[str]:
+        referenced = {r.store_key for r in self.registry.snapshot().records()}
+        return self.store.collect_garbage(referenced, grace_s)
+
+    def refresh(self) -> None:
+        """Take a new snapshot of the registry; forget what was deleted."""
+        with self._refresh_lock:
+            old = {r.key for r in self._snap.records()}
+            self._snap = self.registry.snapshot()
+            removed = old - {r.key for r in self._snap.records()}
+        for key in removed:
+            self.cache.drop(key)
+        for callback in self.on_removed if removed else ():
+            try:
+                callback(removed)
+            except Exception:  # noqa: BLE001 - e.g. the engine is stopping; the versions are gone regardless
+                log.exception("could not release deleted adapters %s", sorted(removed))
+
+    def watch(self, interval_s: float = 0.5) -> None:
+        """Poll the registry's generation in a thread; refresh when another process changed it."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    if self.registry.generation() != self._snap.generation:
+                        self.refresh()
+                except Exception:  # noqa: BLE001 - a database hiccup: keep serving the last snapshot
+                    log.exception("registry poll failed; serving the last snapshot")
+
+        if self._watcher is None:
+            self._stop.clear()
+            self._watcher = threading.Thread(target=loop, name="hotpeft-registry-watch", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+        self.registry.close()
+
+    # ---- serving ------------------------------------------------------------------------------
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snap
+
+    def active(self) -> list[VersionRecord]:
+        snap = self._snap
+        return [snap.versions[n][v] for n, v in sorted(snap.active.items())]
+
+    def resolve(self, model: str, *, param: str = "model") -> Resolved:
         if model in (self.base.model_id, BASE_ALIAS):
             return Resolved(model, None)
         try:
             ref = parse_model_ref(model)
         except Exception:
             ref = None
-        with self._lock:
-            versions = self._versions.get(ref.name) if ref else None
-            if versions and ref.version is None:
-                return Resolved(model, versions[self._active[ref.name]])
-            if versions and ref.version in versions:
-                return Resolved(model, versions[ref.version])
-            available = [self.base.model_id] + sorted(self._active)
+        snap = self._snap
+        versions = snap.versions.get(ref.name) if ref else None
+        record = None
         if versions:
+            record = versions.get(snap.active[ref.name] if ref.version is None else ref.version)
+        if record is None and versions:
             raise AdapterNotFound(
                 f"adapter {ref.name!r} has no version {ref.version}; versions: "
                 f"{', '.join(str(v) for v in sorted(versions))}",
-                param="model",
+                param=param,
             )
-        raise AdapterNotFound(
-            f"The model {model!r} does not exist. Available: {', '.join(available)} "
-            f"(the base also answers to {BASE_ALIAS!r}; pin a version with name@N)",
-            param="model",
-        )
+        if record is None:
+            available = [self.base.model_id] + sorted(snap.active)
+            shown = ", ".join(available[:20]) + (f" and {len(available) - 20} more" if len(available) > 20 else "")
+            raise AdapterNotFound(
+                f"The model {model!r} does not exist. Available: {shown} "
+                f"(the base also answers to {BASE_ALIAS!r}; pin a version with name@N)",
+                param=param,
+            )
+        if record.base_fingerprint != self.base_fingerprint:
+            raise AdapterIncompatible(
+                f"adapter {record.key} was registered for base {record.base_fingerprint}, but this server's base is "
+                f"{self.base_fingerprint}", param=param,
+            )
+        return Resolved(model, record)
+
+    def load(self, record: VersionRecord) -> AdapterVersion:
+        """The version's weights, from the CPU tier or else from the store (checked against its sha256)."""
+
+        def read() -> ParsedAdapter:
+            folder = self.store.verified_folder(record.store_key, record.sha256)
+            # Checked completely at registration; read again with the same checks (this server's limits).
+            return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
+                                    label=record.key)
+
+        return AdapterVersion(record.key, self.cache.get_or_load(record.key, read), record)
+
+    def sync_folder(self, name: str, folder: Path, *, source: str) -> VersionRecord | None:
+        """Register `folder` as `name` unless the active version already has this exact content."""
+        key, _, _ = self.store.describe(folder)
+        snap = self._snap
+        if name in snap.active:
+            current = snap.versions[name][snap.active[name]]
+            if (current.source_detail or {}).get("content_key") == key:
+                return None
+        return self.register_dir(name, folder, source=source, source_detail={"folder": folder.name, "content_key": key})
+
+
+def _write_peft_folder(folder: Path, config: dict, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(folder / WEIGHTS_FILE))

@@ -24,3 +24,11 @@ class AdapterIncompatible(AdapterError):
 
 class InvalidName(AdapterError):
     """A name outside [a-z0-9][a-z0-9._-]{0,63}."""
+
+
+class AdapterTooLarge(AdapterError):
+    """An upload over --max-adapter-bytes (HTTP 413)."""
+
+
+class AdapterConflict(AdapterError):
+    """The operation cannot be done in the adapter's current state (HTTP 409), e.g. no room to pin it."""

@@ -69,31 +69,35 @@ class ParsedAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
-    """Read config, tensors and optional chat template of a PEFT folder. Never unpickles."""
+def read_adapter_dir(path: Path, label: str | None = None) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    """Read config, tensors and optional chat template of a PEFT folder. Never unpickles.
+
+    `label` names the folder in messages (default: its name).
+    """
     path = Path(path)
+    label = label or path.name
     if not path.is_dir():
-        raise AdapterInvalid(f"adapter folder {path.name!r} does not exist or is not a directory")
+        raise AdapterInvalid(f"adapter folder {label!r} does not exist or is not a directory")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise AdapterInvalid(f"adapter folder {path.name!r} has no {CONFIG_FILE}")
+        raise AdapterInvalid(f"adapter folder {label!r} has no {CONFIG_FILE}")
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterInvalid(f"{CONFIG_FILE} of {path.name!r} is not valid JSON: {e}") from e
+        raise AdapterInvalid(f"{CONFIG_FILE} of {label!r} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
-        raise AdapterInvalid(f"{CONFIG_FILE} of {path.name!r} must be a JSON object")
+        raise AdapterInvalid(f"{CONFIG_FILE} of {label!r} must be a JSON object")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise AdapterInvalid(
-                f"adapter folder {path.name!r} has pickle weights ({', '.join(pickles)}), which hotpeft never "
+                f"adapter folder {label!r} has pickle weights ({', '.join(pickles)}), which hotpeft never "
                 f"loads; save the adapter with safe_serialization=True to get {WEIGHTS_FILE}"
             )
-        raise AdapterInvalid(f"adapter folder {path.name!r} has no {WEIGHTS_FILE}")
-    tensors = read_safetensors(weights.read_bytes(), what=f"{path.name}/{WEIGHTS_FILE}")
-    return config, tensors, read_chat_template(path)
+        raise AdapterInvalid(f"adapter folder {label!r} has no {WEIGHTS_FILE}")
+    tensors = read_safetensors(weights.read_bytes(), what=f"{label}/{WEIGHTS_FILE}")
+    return config, tensors, read_chat_template(path, label)
 
 
 def read_safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
@@ -105,8 +109,9 @@ def read_safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
         raise AdapterInvalid(f"{what} is not a readable safetensors file ({e})") from e
 
 
-def read_chat_template(path: Path) -> str | None:
+def read_chat_template(path: Path, label: str | None = None) -> str | None:
     """A chat template shipped with the adapter: chat_template.jinja or tokenizer_config.json."""
+    label = label or path.name
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
@@ -115,7 +120,7 @@ def read_chat_template(path: Path) -> str | None:
         try:
             tmpl = json.loads(tok_cfg.read_text()).get("chat_template")
         except (json.JSONDecodeError, AttributeError) as e:
-            raise AdapterInvalid(f"tokenizer_config.json of {path.name!r} is not a valid JSON object") from e
+            raise AdapterInvalid(f"tokenizer_config.json of {label!r} is not a valid JSON object") from e
         if isinstance(tmpl, str):
             return tmpl
     return None
@@ -278,8 +283,9 @@ def _parse_prompt_tuning(config, tensors, base: BaseSpec) -> torch.Tensor:
     return emb.contiguous()
 
 
-def load_adapter_dir(path: Path, base: BaseSpec, *, max_lora_rank: int, allow_foreign_base: bool = False) -> ParsedAdapter:
-    config, tensors, template = read_adapter_dir(path)
+def load_adapter_dir(path: Path, base: BaseSpec, *, max_lora_rank: int, allow_foreign_base: bool = False,
+                     label: str | None = None) -> ParsedAdapter:
+    config, tensors, template = read_adapter_dir(path, label)
     return parse_adapter(
         config, tensors, base, max_lora_rank=max_lora_rank, allow_foreign_base=allow_foreign_base,
         chat_template=template,

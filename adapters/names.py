@@ -26,11 +26,11 @@ class ModelRef:
     version: int | None  # None: the active version
 
 
-def parse_model_ref(model: str) -> ModelRef:
+def parse_model_ref(model: str, *, param: str = "model") -> ModelRef:
     """`name` or `name@N` (N >= 1). Raises InvalidName for anything else."""
     name, sep, version = model.partition("@")
     if sep:
         if not version.isdigit() or int(version) < 1:
-            raise InvalidName(f"invalid version in {model!r}: use name@N with N a positive integer", param="model")
-        return ModelRef(validate_name(name, param="model"), int(version))
-    return ModelRef(validate_name(name, param="model"), None)
+            raise InvalidName(f"invalid version in {model!r}: use name@N with N a positive integer", param=param)
+        return ModelRef(validate_name(name, param=param), int(version))
+    return ModelRef(validate_name(name, param=param), None)

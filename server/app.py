@@ -22,13 +22,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Loading takes seconds: keep it off the event loop so the process stays responsive.
         runtime = await asyncio.to_thread(build_runtime, settings)
-        runtime.engine.start()
+        engine, catalog = runtime.engine, runtime.catalog
+        engine.start()
+        # Deleted versions leave the engine once no running request uses them.
+        catalog.on_removed.append(lambda keys: engine.call(lambda: engine.release(keys)))
+        catalog.watch()
         app.state.runtime = runtime
-        log.info("serving %s and %d adapter(s)", runtime.base.model_id, len(runtime.catalog.active()))
+        log.info("serving %s and %d adapter(s)", runtime.base.model_id, len(catalog.active()))
         try:
             yield
         finally:
-            runtime.engine.stop()
+            engine.stop()
+            catalog.close()
 
     app = FastAPI(title="hotpeft", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

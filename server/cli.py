@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 
 from pydantic import ValidationError
 
@@ -17,10 +18,12 @@ def _serve_parser(sub) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "HOTPEFT_" + name.upper()
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} (env {env}; default {default})".replace("%", "%%")
         if field.annotation is bool:
             p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        elif typing.get_origin(field.annotation) is list:
+            p.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text)
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
@@ -57,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotpeft", description="hotpeft: one resident base model, many PEFT adapters.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    from hotpeft.server import bench
+    from hotpeft.server import adapters_cli, bench
 
+    adapters_cli.add_parser(sub)
     bench.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return {"serve": serve, "bench": bench.main}[args.command](args)
+    return {"serve": serve, "bench": bench.main, "adapters": adapters_cli.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,21 @@ class Settings(BaseSettings):
     home: Path = Field(Path("~/.hotpeft"), description="home directory: model cache, adapters, registry, logs")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=1, le=65535, description="port to bind")
-    adapters_dir: Path | None = Field(None, description="folder of PEFT adapter folders to register at start-up, named by folder")
+    adapters_dir: Path | None = Field(
+        None, description="folder of PEFT adapter folders to register at start-up, named by folder (a new version only "
+                          "when a folder's content changed)")
+    registry_url: str | None = Field(
+        None, description="SQLAlchemy URL of the adapter registry (default: SQLite registry.db in the home); a "
+                          "postgresql+psycopg:// URL lets several servers and training jobs share one catalogue")
+    store_dir: Path | None = Field(
+        None, description="content-addressed adapter store (default: <home>/store); servers sharing a registry "
+                          "must share it too")
+    import_root: list[Path] = Field(
+        default_factory=list, description="folder from which POST /v1/adapters may register by path (repeat the "
+                                          "flag for several; none by default)")
+    max_adapter_bytes: int = Field(1 << 30, ge=1, description="largest adapter upload or import accepted, in bytes")
+    max_cpu_adapter_bytes: int = Field(
+        4 << 30, ge=1, description="adapter weights kept in CPU memory (LRU by bytes; the rest is read from the store)")
     max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences decoding at once (KV slots)")
     kv_cache_mib: int | None = Field(
@@ -44,10 +58,27 @@ class Settings(BaseSettings):
     allow_foreign_base: bool = Field(False, description="serve adapters whose config names another base model")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @field_validator("home", "adapters_dir")
+    @field_validator("home", "adapters_dir", "store_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else Path(v).expanduser()
+
+    @field_validator("import_root")
+    @classmethod
+    def _roots(cls, v: list[Path]) -> list[Path]:
+        roots = [Path(p).expanduser() for p in v]
+        for root in roots:
+            if not root.is_dir():
+                raise ValueError(f"--import-root {root} is not a directory")
+        return roots
+
+    @property
+    def registry(self) -> str:
+        return self.registry_url or f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def store(self) -> Path:
+        return self.store_dir or self.home / "store"
 
     @field_validator("adapters_dir")
     @classmethod

@@ -8,7 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, InvalidName
+from hotpeft.adapters.errors import (
+    AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName,
+)
 from hotpeft.server.engine.base import EngineFailure, Overloaded
 
 log = logging.getLogger("hotpeft.http")
@@ -22,13 +24,21 @@ class InvalidRequest(Exception):
         self.message, self.param, self.code = message, param, code
 
 
-# class -> (status, type, code)
+class ForbiddenPath(InvalidRequest):
+    """A server-side path the request may not use: outside every --import-root (403)."""
+
+
+# class -> (status, type, code); the first match wins
+
 _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (AdapterNotFound, 404, "invalid_request_error", "model_not_found"),
     (InvalidName, 400, "invalid_request_error", "invalid_name"),
     (AdapterIncompatible, 409, "invalid_request_error", "adapter_incompatible"),
+    (AdapterConflict, 409, "invalid_request_error", "adapter_conflict"),
+    (AdapterTooLarge, 413, "invalid_request_error", "adapter_too_large"),
     (AdapterInvalid, 400, "invalid_request_error", "adapter_invalid"),
     (AdapterError, 400, "invalid_request_error", None),
+    (ForbiddenPath, 403, "invalid_request_error", "path_not_allowed"),
     (InvalidRequest, 400, "invalid_request_error", None),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (EngineFailure, 500, "server_error", "engine_failure"),

@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from hotpeft.adapters.catalog import Resolved
+from hotpeft.adapters.catalog import AdapterVersion
+from hotpeft.adapters.names import BASE_ALIAS
 from hotpeft.server.engine.base import GenerationRequest, SamplingParams, TokenEvent
 from hotpeft.server.errors import InvalidRequest
 from hotpeft.server.runtime import Runtime
@@ -17,7 +18,7 @@ from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest
 
 @dataclass
 class Prepared:
-    resolved: Resolved
+    adapter: AdapterVersion | None  # None: the bare base
     prompts: list[list[int]]  # token ids, one list per prompt
     n: int
     params: list[SamplingParams]  # one per prompt (max_tokens may differ with the prompt's length)
@@ -28,8 +29,13 @@ class Prepared:
         for ids, params in zip(self.prompts, self.params):
             for j in range(self.n):
                 seed = None if params.seed is None else params.seed + j
-                out.append(GenerationRequest(list(ids), replace(params, seed=seed), self.resolved.adapter))
+                out.append(GenerationRequest(list(ids), replace(params, seed=seed), self.adapter))
         return out
+
+    @property
+    def served(self) -> str:
+        """What answers: the base, `name@N`, or `mix:<hash>` (the X-Hotpeft-Adapter header)."""
+        return BASE_ALIAS if self.adapter is None else self.adapter.key
 
     @property
     def prompt_tokens(self) -> int:
@@ -67,14 +73,33 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
     return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos)
 
 
-def _virtual_tokens(resolved: Resolved) -> int:
-    return 0 if resolved.adapter is None else resolved.adapter.adapter.num_virtual_tokens
+def _virtual_tokens(adapter: AdapterVersion | None) -> int:
+    return 0 if adapter is None else adapter.adapter.num_virtual_tokens
 
 
-def prepare_chat(rt: Runtime, req: ChatCompletionRequest) -> Prepared:
+async def resolve_adapter(rt: Runtime, req) -> AdapterVersion | None:
+    """The adapter a request runs on, its weights in the CPU tier (read from disk if needed).
+
+    `adapters` (a weighted mix, never registered) takes the place of an adapter `model`.
+    """
+    catalog = rt.catalog
+    if req.adapters:
+        if req.model not in (rt.base.model_id, BASE_ALIAS):
+            raise InvalidRequest(
+                f"'adapters' mixes adapters on the base model: set model to {BASE_ALIAS!r} or "
+                f"{rt.base.model_id!r}, not {req.model!r}", param="adapters",
+            )
+        sources = [(a.name, a.weight) for a in req.adapters]
+        return await asyncio.to_thread(catalog.mix, sources, req.merge_strategy, density=req.merge_density)
+    record = catalog.resolve(req.model).record
+    if record is None:
+        return None
+    return await asyncio.to_thread(catalog.load, record)
+
+
+def prepare_chat(rt: Runtime, req: ChatCompletionRequest, adapter: AdapterVersion | None) -> Prepared:
     _check_common(rt, req)
-    resolved = rt.catalog.resolve(req.model)
-    template = resolved.adapter.adapter.chat_template if resolved.adapter else None
+    template = adapter.adapter.chat_template if adapter else None
     tok = rt.tokenizer
     if template is None and not getattr(tok, "chat_template", None):
         raise InvalidRequest(f"model {req.model!r} has no chat template; use /v1/completions", param="model")
@@ -86,12 +111,11 @@ def prepare_chat(rt: Runtime, req: ChatCompletionRequest) -> Prepared:
     except Exception as e:  # noqa: BLE001 - a template may raise anything (it is user-supplied Jinja)
         raise InvalidRequest(f"the chat template could not render these messages: {e}", param="messages") from e
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    return Prepared(resolved, [ids], req.n, [_params(rt, req, len(ids), _virtual_tokens(resolved))])
+    return Prepared(adapter, [ids], req.n, [_params(rt, req, len(ids), _virtual_tokens(adapter))])
 
 
-def prepare_completion(rt: Runtime, req: CompletionRequest) -> Prepared:
+def prepare_completion(rt: Runtime, req: CompletionRequest, adapter: AdapterVersion | None) -> Prepared:
     _check_common(rt, req)
-    resolved = rt.catalog.resolve(req.model)
     tok = rt.tokenizer
     prompts, params = [], []
     for i, text in enumerate(req.prompts):
@@ -101,8 +125,8 @@ def prepare_completion(rt: Runtime, req: CompletionRequest) -> Prepared:
                 raise InvalidRequest("prompt must not be empty", param="prompt" if len(req.prompts) == 1 else f"prompt.{i}")
             ids = [tok.bos_token_id]
         prompts.append(ids)
-        params.append(_params(rt, req, len(ids), _virtual_tokens(resolved)))
-    return Prepared(resolved, prompts, req.n, params)
+        params.append(_params(rt, req, len(ids), _virtual_tokens(adapter)))
+    return Prepared(adapter, prompts, req.n, params)
 
 
 @dataclass

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from hotpeft.adapters import AdapterCatalog, BaseSpec
+from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec
 from hotpeft.server import basemodel
 from hotpeft.server.config import Settings
-from hotpeft.server.engine.base import Engine
 from hotpeft.server.engine.batching import BatchEngine, EngineLimits
 from hotpeft.server.engine.forward import SlotKVCache, kv_bytes_per_token
 from hotpeft.server.engine.lora import LoraBank
@@ -27,7 +26,7 @@ class Runtime:
     settings: Settings
     base: basemodel.LoadedBase
     catalog: AdapterCatalog
-    engine: Engine
+    engine: BatchEngine
     started: int
 
     @property
@@ -73,19 +72,38 @@ def build_runtime(settings: Settings) -> Runtime:
         base.model_id, device, base.quantization, str(dtype).removeprefix("torch."), base.resident_bytes / 2**20,
         base.max_model_len, time.perf_counter() - t0,
     )
-    spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), bank.linear_shapes())
-    catalog = AdapterCatalog(spec, max_lora_rank=settings.max_lora_rank, allow_foreign_base=settings.allow_foreign_base)
-    if settings.adapters_dir is not None:
-        for folder in sorted(p for p in settings.adapters_dir.iterdir() if p.is_dir()):
-            av = catalog.register_dir(folder.name, folder, source="adapters-dir")
-            for w in av.adapter.warnings:
-                log.warning("adapter %s: %s", av.key, w)
-            log.info("registered adapter %s (%s, %d bytes) from %s", av.key, av.kind, av.adapter.nbytes, folder.name)
+    catalog = open_catalog(settings, base, bank)
     kv = make_kv_cache(settings, base, dtype, device)
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
                           max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
     engine = BatchEngine(base.model, base.tokenizer, bank, kv, eos_ids(base), limits)
     return Runtime(settings, base, catalog, engine, int(time.time()))
+
+
+def open_catalog(settings: Settings, base: basemodel.LoadedBase, bank: LoraBank) -> AdapterCatalog:
+    """Registry + store + the base's shapes; --adapters-dir folders registered when their content is new."""
+    spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), bank.linear_shapes())
+    registry = AdapterRegistry(settings.registry)
+    catalog = AdapterCatalog(
+        registry, AdapterStore(settings.store), spec, base.fingerprint, max_lora_rank=settings.max_lora_rank,
+        allow_foreign_base=settings.allow_foreign_base, max_cpu_bytes=settings.max_cpu_adapter_bytes,
+    )
+    removed = catalog.collect_garbage()
+    if removed:
+        log.info("store: removed %d object(s) no registered version names", len(removed))
+    if settings.adapters_dir is not None:
+        for folder in sorted(p for p in settings.adapters_dir.iterdir() if p.is_dir()):
+            if catalog.sync_folder(folder.name, folder, source="adapters-dir") is None:
+                log.info("adapter %s: %s unchanged since its last registration", folder.name, folder)
+    log.info("registry %s: %d adapter(s)", _redact(settings.registry), len(catalog.active()))
+    return catalog
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def make_kv_cache(settings: Settings, base: basemodel.LoadedBase, dtype: torch.dtype, device: torch.device) -> SlotKVCache:

@@ -35,6 +35,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="an adapter name, or name@N")
+    weight: float = Field(allow_inf_nan=False)
+
+
+MergeStrategy = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +58,11 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     # Extension (as in vLLM): keep sampling past EOS up to max_tokens; for benchmarks.
     ignore_eos: bool = False
+    # Extension: a weighted mix of LoRA adapters for this request (PEFT's add_weighted_adapter
+    # semantics), built on the fly and cached by its recipe; `model` is then the base.
+    adapters: list[AdapterWeight] | None = Field(None, min_length=1)
+    merge_strategy: MergeStrategy = "linear"
+    merge_density: float | None = Field(None, gt=0.0, le=1.0, description="ties and dare_*: fraction of entries kept")
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -156,3 +170,92 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- the adapter admin API ----------------------------------------------------------------------
+class AdapterImport(BaseModel):
+    """POST /v1/adapters as JSON: register the PEFT folder at `path` (under an --import-root)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str = Field(min_length=1)
+    description: str = Field("", max_length=4096)
+
+
+class AdapterPromote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class AdapterResidency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(None, ge=1, description="default: the active version")
+    pin: bool = False
+
+
+class AdapterMerge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    sources: list[AdapterWeight] = Field(min_length=1)
+    strategy: MergeStrategy = "linear"
+    density: float | None = Field(None, gt=0.0, le=1.0)
+    description: str = Field("", max_length=4096)
+
+
+class AdapterVersionPublic(BaseModel):
+    name: str
+    version: int
+    kind: str
+    active: bool
+    residency: Literal["disk", "cpu", "device"]  # where its weights are now (never merged into the base)
+    pinned: bool
+    base_model: str
+    base_fingerprint: str
+    rank: int | None
+    alpha: float | None
+    target_modules: list[str] | None
+    num_virtual_tokens: int | None
+    size_bytes: int
+    sha256: str
+    created: int
+    source: str
+    source_detail: dict | None
+    metrics: dict | None
+    description: str
+    warnings: list[str]
+
+
+class AdapterPublic(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    name: str
+    active_version: int
+    versions: list[AdapterVersionPublic]
+
+
+class AdapterTiers(BaseModel):
+    cpu_bytes: int
+    max_cpu_bytes: int
+    device_bytes: int
+    max_device_bytes: int
+    device_adapters: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]
+    tiers: AdapterTiers
+
+
+class AdapterDeleted(BaseModel):
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    name: str
+    versions: list[int]
+    deleted: bool = True
+
+
+class ResidencyChange(BaseModel):
+    name: str
+    version: int
+    residency: Literal["disk", "cpu", "device"]
+    pinned: bool
+    changed: bool  # load: it was loaded now; unload: something was dropped

@@ -47,7 +47,7 @@ async def _tokens(rt, request: GenerationRequest) -> list[int]:
 
 
 def make_request(rt, adapter: str | None, prompt: list[int], n: int, **sampling) -> GenerationRequest:
-    av = rt.catalog.resolve(adapter).adapter if adapter else None
+    av = rt.catalog.load(rt.catalog.resolve(adapter).record) if adapter else None
     return GenerationRequest(prompt, SamplingParams(max_tokens=n, **({"temperature": 0.0} | sampling)), av)
 
 
@@ -276,7 +276,7 @@ def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tm
 def test_resident_loras_stay_within_their_byte_budget_lru_never_evicting_a_running_one(rt, tiny_dirs,
                                                                                        tmp_path_factory):
     bank = rt.engine.bank
-    sizes = {a: bank.bytes_needed(rt.catalog.resolve(a).adapter.adapter.lora) for a in ("lora-attn", "lora-mlp")}
+    sizes = {a: bank.bytes_needed(make_request(rt, a, [1], 1).adapter.adapter.lora) for a in ("lora-attn", "lora-mlp")}
     # Room for lora-mlp and one lora-attn, not for lora-mlp and two lora-attn-sized adapters.
     budget = sizes["lora-mlp"] + sizes["lora-attn"] + sizes["lora-attn"] // 2
     rt4 = make_runtime(tiny_dirs, tmp_path_factory, max_resident_adapter_bytes=budget)

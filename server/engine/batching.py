@@ -21,10 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from hotpeft.adapters.catalog import AdapterVersion
+from hotpeft.adapters.errors import AdapterConflict
 from hotpeft.server.engine.base import (
     Engine, EngineFailure, EventSink, GenerationRequest, Overloaded, TokenEvent,
 )
@@ -82,7 +86,9 @@ class BatchEngine(Engine):
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, EventSink]] = deque()
         self._cancelled: set[int] = set()
+        self._calls: list[tuple[Callable, Future]] = []  # run by the worker between steps
         self._stopping = False
+        self.resident: frozenset[str] = frozenset()  # LoRA keys in the bank; republished by the worker
         self._running: list[Sequence] = []  # index == slot
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -122,6 +128,62 @@ class BatchEngine(Engine):
             self._cancelled.add(request_id)
             self._cond.notify()
 
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` on the worker between two steps (the bank is the worker's alone); its result
+        or exception lands in the returned future."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise EngineFailure("the engine is stopped")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def make_resident(self, av: AdapterVersion, pin: bool = False) -> bool:
+        """Worker only (through `call`). Load a LoRA into the bank, evicting LRU ones if needed;
+        True when it was loaded now, False when it already was. `pin` keeps it from eviction."""
+        if av.kind != "lora":
+            return False
+        loaded = False
+        if not self.bank.is_resident(av.key):
+            try:
+                room = self._make_room(av.key, av.adapter.lora)
+            except ValueError as e:
+                raise AdapterConflict(str(e)) from e
+            if not room:
+                raise AdapterConflict(
+                    f"no room for adapter {av.key} in --max-resident-adapter-bytes "
+                    f"{self.limits.max_resident_adapter_bytes}: running requests use the adapters that would go; retry"
+                )
+            self._load(av)
+            loaded = True
+        self.bank.touch(av.key)
+        if pin:
+            self.bank.pinned.add(av.key)
+        return loaded
+
+    def release(self, keys: set[str]) -> set[str]:
+        """Worker only. Unpin and unload these LoRAs, except those running requests still use (they
+        stay until evicted). Returns the keys unloaded."""
+        in_use = {s.lora_key for s in self._running}
+        done = set()
+        for key in keys:
+            self.bank.pinned.discard(key)
+            if key not in in_use and self.bank.unload(key):
+                done.add(key)
+        self._publish()
+        return done
+
+    def _load(self, av: AdapterVersion) -> None:
+        t0 = time.perf_counter()
+        self.bank.load(av.key, av.adapter.lora)
+        self._publish()
+        log.info("adapter %s loaded into the engine in %.1f ms (%.1f MiB)", av.key,
+                 (time.perf_counter() - t0) * 1000, self.bank.adapter_bytes(av.key) / 2**20)
+
+    def _publish(self) -> None:
+        self.resident = frozenset(self.bank.adapters)
+
     def stats(self) -> dict:
         with self._cond:
             waiting = len(self._waiting)
@@ -150,12 +212,13 @@ class BatchEngine(Engine):
         log.info("engine thread started: %d torch threads", torch.get_num_threads())
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running and not self._cancelled:
+                while not (self._stopping or self._waiting or self._running or self._cancelled or self._calls):
                     self._cond.wait()
                 if self._stopping:
                     self._fail_all("the server is shutting down")
                     return
                 cancelled, self._cancelled = self._cancelled, set()
+                calls, self._calls = self._calls, []
                 admit = []
                 free = self.kv.n_slots - len(self._running)
                 while self._waiting and len(admit) < free:
@@ -163,6 +226,11 @@ class BatchEngine(Engine):
                 if cancelled:
                     kept = deque(item for item in self._waiting if item[0].request_id not in cancelled)
                     self._waiting = kept
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
             try:
                 self._drop_cancelled(cancelled)
                 for i, (request, sink) in enumerate(admit):
@@ -178,6 +246,9 @@ class BatchEngine(Engine):
     def _fail_all(self, why: str) -> None:
         """Every waiting and running request gets an error event: no client is left waiting. Holds the lock."""
         error = EngineFailure(why)
+        for _, future in self._calls:
+            future.set_exception(EngineFailure(why))
+        self._calls.clear()
         sinks = [sink for _, sink in self._waiting] + [s.sink for s in self._running]
         self._waiting.clear()
         for s in self._running:
@@ -212,6 +283,7 @@ class BatchEngine(Engine):
                 break
             if victim not in in_use:
                 self.bank.unload(victim)
+                self._publish()
                 log.info("evicted adapter %s from the engine (LRU, --max-resident-adapter-bytes)", victim)
         if self.bank.adapters_bytes() + need <= budget:
             return True
@@ -237,10 +309,7 @@ class BatchEngine(Engine):
                 if not self.bank.is_resident(lora_key):
                     if not self._make_room(lora_key, adapter.adapter.lora):
                         return False
-                    t0 = time.perf_counter()
-                    self.bank.load(lora_key, adapter.adapter.lora)
-                    log.info("adapter %s loaded into the engine in %.1f ms (%.1f MiB)", lora_key,
-                             (time.perf_counter() - t0) * 1000, self.bank.adapter_bytes(lora_key) / 2**20)
+                    self._load(adapter)
                 self.bank.touch(lora_key)
                 adapter_id = self.bank.adapter_id(lora_key)
             elif adapter is not None and adapter.kind == "prompt_tuning":

@@ -1,8 +1,9 @@
 """All routers, gathered."""
 from fastapi import APIRouter
 
-from hotpeft.server.routes import openai, ops
+from hotpeft.server.routes import adapters, openai, ops
 
 api_router = APIRouter()
 api_router.include_router(ops.router)
 api_router.include_router(openai.router)
+api_router.include_router(adapters.router)

@@ -8,12 +8,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from hotpeft.adapters.errors import AdapterNotFound
 from hotpeft.server.deps import RuntimeDep
 from hotpeft.server.errors import describe
-from hotpeft.server.generation import OpenChoices, Prepared, open_choices, prepare_chat, prepare_completion, run_choices
+from hotpeft.server.generation import (
+    OpenChoices, Prepared, open_choices, prepare_chat, prepare_completion, resolve_adapter, run_choices,
+)
 from hotpeft.server.runtime import Runtime
 from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -31,9 +32,9 @@ def _base_card(rt: Runtime) -> ModelCard:
 
 def _adapter_cards(rt: Runtime) -> list[ModelCard]:
     return [
-        ModelCard(id=av.name, created=av.created, owned_by="hotpeft", parent=rt.base.model_id, root=rt.base.model_id,
-                  kind=av.kind, version=av.version)
-        for av in rt.catalog.active()
+        ModelCard(id=r.name, created=int(r.created), owned_by="hotpeft", parent=rt.base.model_id,
+                  root=rt.base.model_id, kind=r.kind, version=r.version)
+        for r in rt.catalog.active()
     ]
 
 
@@ -44,13 +45,11 @@ async def list_models(rt: RuntimeDep) -> ModelList:
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, response_model_exclude_none=True)
 async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
-    resolved = rt.catalog.resolve(model_id)
-    if resolved.adapter is None:
+    record = rt.catalog.resolve(model_id).record
+    if record is None:
         return _base_card(rt)
-    for card in _adapter_cards(rt):
-        if card.id == resolved.adapter.name:
-            return card.model_copy(update={"id": model_id, "version": resolved.adapter.version})
-    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model")
+    return ModelCard(id=model_id, created=int(record.created), owned_by="hotpeft", parent=rt.base.model_id,
+                     root=rt.base.model_id, kind=record.kind, version=record.version)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -92,6 +91,11 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
     return texts, finish, completion_tokens
 
 
+def _headers(prepared: Prepared) -> dict[str, str]:
+    # Which exact weights answer (name@N, or mix:<hash>): a client can tell versions apart during a swap.
+    return {"X-Hotpeft-Adapter": prepared.served}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -116,8 +120,9 @@ async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_ch
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
-    prepared = prepare_chat(rt, body)
+    prepared = prepare_chat(rt, body, await resolve_adapter(rt, body))
     choices = open_choices(rt, prepared)
+    headers = _headers(prepared)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
     if body.stream:
@@ -139,12 +144,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
             async for s in _stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk):
                 yield s
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
     result = await _collect(request, rt, choices, body.n)
     if result is None:
         return None
     texts, finish, completion_tokens = result
-    return {
+    return JSONResponse(headers=headers, content={
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "system_fingerprint": fingerprint,
         "choices": [
@@ -152,13 +157,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
             for i, (t, f) in enumerate(zip(texts, finish))
         ],
         "usage": _usage(prepared.prompt_tokens, completion_tokens),
-    }
+    })
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
-    prepared = prepare_completion(rt, body)
+    prepared = prepare_completion(rt, body, await resolve_adapter(rt, body))
     choices = open_choices(rt, prepared)
+    headers = _headers(prepared)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_choices = len(prepared.prompts) * body.n
     if body.stream:
@@ -171,14 +177,14 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
                     "choices": [], "usage": usage}
 
         return StreamingResponse(_stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", headers=headers)
     result = await _collect(request, rt, choices, n_choices)
     if result is None:
         return None
     texts, finish, completion_tokens = result
-    return {
+    return JSONResponse(headers=headers, content={
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                     for i, (t, f) in enumerate(zip(texts, finish))],
         "usage": _usage(prepared.prompt_tokens, completion_tokens),
-    }
+    })

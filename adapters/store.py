@@ -1,0 +1,178 @@
+"""The content-addressed adapter store: one folder per distinct adapter content, safetensors only.
+
+    <root>/objects/<key[:2]>/<key>/   adapter_config.json, adapter_model.safetensors,
+                                      [chat_template.jinja], manifest.json
+    <root>/staging/<pid>-<random>/    work in progress of one process
+
+An object's key is the sha256 of its files' names and digests, so the same content is stored
+once whatever it is called. An object is written under staging/, fsynced, its manifest written
+last, and renamed into objects/ in one step: a reader finds it whole or not at all. A process
+killed before the rename leaves only a staging folder, which the next `open` removes once its
+process is gone; one killed after the rename but before its registry row leaves an object no
+version names, which `collect_garbage` removes after a grace period.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotpeft.adapters.errors import AdapterInvalid
+from hotpeft.adapters.faults import failpoint
+from hotpeft.adapters.format import CONFIG_FILE, WEIGHTS_FILE
+
+TEMPLATE_FILE = "chat_template.jinja"
+MANIFEST_FILE = "manifest.json"
+STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TEMPLATE_FILE)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # content address
+    weights_sha256: str
+    size_bytes: int  # all stored files
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AdapterStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.staging_root = self.root / "staging"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        self._remove_dead_staging()
+
+    def _remove_dead_staging(self) -> None:
+        for entry in self.staging_root.iterdir():
+            pid = entry.name.split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh folder to assemble an object in; removed afterwards unless `put` moved it."""
+        path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.staging_root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def path(self, key: str) -> Path:
+        return self.objects / key[:2] / key
+
+    def exists(self, key: str) -> bool:
+        return (self.path(key) / MANIFEST_FILE).is_file()
+
+    @staticmethod
+    def describe(folder: Path) -> tuple[str, dict[str, str], int]:
+        """(content key, {file: sha256}, bytes) of the storable files of an adapter folder."""
+        digests, size = {}, 0
+        for name in STORED_FILES:
+            f = folder / name
+            if f.is_file():
+                digests[name] = file_sha256(f)
+                size += f.stat().st_size
+        key = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+        return key, digests, size
+
+    def put(self, staged: Path, manifest: dict) -> StoredObject:
+        """Move a staged folder (from `staging()`) into the store as one object; idempotent.
+
+        `staged` holds the adapter's files; `manifest` is hotpeft's description of them (kind,
+        base fingerprint, ...), written last so that a folder with a manifest is complete.
+        """
+        for f in staged.iterdir():
+            if f.name not in STORED_FILES:
+                f.unlink()
+        key, digests, size = self.describe(staged)
+        if WEIGHTS_FILE not in digests or CONFIG_FILE not in digests:
+            raise AdapterInvalid(f"an adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        target = self.path(key)
+        stored = StoredObject(key, digests[WEIGHTS_FILE], size)
+        if self.exists(key):
+            os.utime(target)  # fresh again for the garbage collector's grace period
+            return stored
+        for name in digests:
+            _fsync(staged / name)
+        manifest_tmp = staged / (MANIFEST_FILE + ".tmp")
+        manifest_tmp.write_text(json.dumps({**manifest, "key": key, "files": digests, "size_bytes": size}, indent=1))
+        _fsync(manifest_tmp)
+        os.replace(manifest_tmp, staged / MANIFEST_FILE)
+        _fsync(staged)
+        failpoint("store.before-rename")
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not self.exists(key):  # not a concurrent writer of the same content: a real failure
+                raise
+        _fsync(target.parent)
+        failpoint("store.after-rename")
+        return stored
+
+    def verified_folder(self, key: str, weights_sha256: str) -> Path:
+        """The object's folder, after checking its weights still hash to what was registered."""
+        folder = self.path(key)
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise AdapterInvalid(f"adapter object {key[:12]} is missing from the store at {self.root}")
+        actual = file_sha256(weights)
+        if actual != weights_sha256:
+            raise AdapterInvalid(
+                f"adapter object {key[:12]} is corrupt: weights hash {actual[:12]}, registered {weights_sha256[:12]}"
+            )
+        return folder
+
+    def keys(self) -> list[str]:
+        return [p.name for p in self.objects.glob("*/*") if p.is_dir()]
+
+    def collect_garbage(self, referenced: set[str], grace_s: float = 600.0) -> list[str]:
+        """Remove objects no registry row names and older than `grace_s` (a registration in another
+        process may be between writing its object and its row). Returns the removed keys."""
+        removed = []
+        now = time.time()
+        for key in self.keys():
+            path = self.path(key)
+            if key in referenced:
+                continue
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age >= grace_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(key)
+        return removed
