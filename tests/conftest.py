@@ -1,8 +1,11 @@
 """Shared fixtures: the tiny model and its adapters on disk, and real servers on 127.0.0.1."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
-from hotpeft.server.localserver import LocalServer  # noqa: E402
+from hotpeft.server.localserver import LocalServer, free_port  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
@@ -59,3 +62,64 @@ def client(tiny_server):
 def model_home(tmp_path_factory):
     """One home for the real default model: it is converted from the GGUF once per test session."""
     return tmp_path_factory.mktemp("real-home")
+
+
+@pytest.fixture(scope="session")
+def extra_adapters(tiny_dirs, tmp_path_factory):
+    """Adapters that no server registers at start-up: {name: folder}."""
+    root = tmp_path_factory.mktemp("extra")
+    return {
+        "lora-qk": tiny.save_lora(tiny_dirs["base"], root / "lora-qk", r=8, targets=["q_proj", "k_proj"], seed=5),
+        "lora-r4": tiny.save_lora(tiny_dirs["base"], root / "lora-r4", r=4, targets=["o_proj", "up_proj"], seed=6),
+    }
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on 127.0.0.1 for this test session: yields a function that makes a
+    fresh empty database and returns its SQLAlchemy URL."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; scripts/install.sh --test installs it "
+                    "where apt-get can)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("the psycopg driver is not installed (pip install -e .[test])")
+    # initdb refuses to run as root: run the server as the 'postgres' user the Debian package creates.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="hotpeft-pg-"))
+    data.chmod(0o755)
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
+    try:
+        run(str(bindir / "initdb"), "-D", str(data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-t", "60", "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL: {getattr(e, 'stderr', b'') or e}")
+    counter = iter(range(1_000_000))
+
+    def new_database() -> str:
+        import psycopg
+
+        name = f"hotpeft_{next(counter)}"
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+
+    yield new_database
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                   capture_output=True, timeout=60)
+    shutil.rmtree(data, ignore_errors=True)

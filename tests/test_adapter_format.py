@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hotpeft.adapters import AdapterCatalog, AdapterIncompatible, AdapterInvalid, AdapterNotFound, BaseSpec, InvalidName
+from hotpeft.adapters import AdapterIncompatible, AdapterInvalid, BaseSpec, InvalidName
 from hotpeft.adapters.format import load_adapter_dir
 from hotpeft.adapters.names import parse_model_ref
 from hotpeft.server.engine.lora import LoraBank
@@ -169,26 +169,3 @@ def test_soft_prompt_of_wrong_width_is_refused(copy, spec):
 def test_bad_names_are_refused(name):
     with pytest.raises(InvalidName, match="invalid adapter name"):
         parse_model_ref(name)
-
-
-def test_catalog_resolves_names_versions_and_base(tiny_dirs, spec):
-    cat = AdapterCatalog(spec, max_lora_rank=64)
-    v1 = cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn")
-    v2 = cat.register_dir("a", tiny_dirs["adapters"] / "lora-mlp")
-    assert (v1.version, v2.version) == (1, 2)
-    assert cat.resolve("a").adapter is v2 and cat.resolve("a@1").adapter is v1
-    assert cat.resolve("base").adapter is None and cat.resolve(tiny.TINY_ID).adapter is None
-    with pytest.raises(AdapterNotFound, match="adapter 'a' has no version 3; versions: 1, 2"):
-        cat.resolve("a@3")
-    with pytest.raises(AdapterNotFound, match=r"The model 'zzz' does not exist. Available: tiny-llama, a"):
-        cat.resolve("zzz")
-
-
-def test_failed_registration_changes_nothing(copy, tiny_dirs, spec):
-    cat = AdapterCatalog(spec, max_lora_rank=64)
-    cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn")
-    bad = copy("lora-mlp")
-    _edit_config(bad, use_dora=True)
-    with pytest.raises(AdapterInvalid):
-        cat.register_dir("a", bad)
-    assert [av.key for av in cat.active()] == ["a@1"]

@@ -139,6 +139,7 @@ class BatchEngine(Engine):
             self._cond.notify()
         return future
 
+    @torch.inference_mode()  # the bank's stacks are inference tensors (made in `_admit`)
     def make_resident(self, av: AdapterVersion, pin: bool = False) -> bool:
         """Worker only (through `call`). Load a LoRA into the bank, evicting LRU ones if needed;
         True when it was loaded now, False when it already was. `pin` keeps it from eviction."""
@@ -162,6 +163,7 @@ class BatchEngine(Engine):
             self.bank.pinned.add(av.key)
         return loaded
 
+    @torch.inference_mode()
     def release(self, keys: set[str]) -> set[str]:
         """Worker only. Unpin and unload these LoRAs, except those running requests still use (they
         stay until evicted). Returns the keys unloaded."""

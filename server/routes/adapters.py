@@ -30,6 +30,7 @@ from hotpeft.server.schemas import (
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE, "chat_template.jinja", "tokenizer_config.json")
+IGNORED_FILES = ("README.md",)  # the model card PEFT's save_pretrained writes: accepted, not stored
 FORM_OVERHEAD = 64 << 10  # multipart boundaries, headers and the small fields
 
 
@@ -102,7 +103,7 @@ async def _limited_form(request: Request, limit: int):
             raise _too_large(seen, limit)
         return message
 
-    return await Request(request.scope, receive).form(max_files=len(UPLOAD_FILES), max_fields=4)
+    return await Request(request.scope, receive).form(max_files=len(UPLOAD_FILES) + len(IGNORED_FILES), max_fields=4)
 
 
 def _too_large(size: int, limit: int) -> AdapterTooLarge:
@@ -123,6 +124,8 @@ async def _register_upload(request: Request, rt: RuntimeDep) -> VersionRecord:
                 if fname.endswith(PICKLE_SUFFIXES):
                     raise AdapterInvalid(f"{fname!r} is a pickle file, which hotpeft never loads; upload "
                                          f"{WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True))", param=fname)
+                if fname in IGNORED_FILES:
+                    continue
                 if fname not in UPLOAD_FILES:
                     raise AdapterInvalid(f"unexpected file {fname!r}; upload {', '.join(UPLOAD_FILES)}", param=fname)
                 if fname in files:

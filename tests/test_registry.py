@@ -1,0 +1,190 @@
+"""Registry (SQLite and a real PostgreSQL), content-addressed store and catalogue, without a server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+from hotpeft.adapters import (
+    AdapterCatalog, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterRegistry, AdapterStore, BaseSpec,
+)
+from hotpeft.server.engine.lora import LoraBank
+
+import tiny
+
+FINGERPRINT = "tiny-llama:test"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    model = tiny.make_model()
+    bank = LoraBank(model, torch.float32, torch.device("cpu"))
+    return BaseSpec(tiny.TINY_ID, model.config.hidden_size, bank.linear_shapes())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return request.getfixturevalue("postgres_server")()
+
+
+@pytest.fixture
+def make_catalog(spec, tmp_path, registry_url):
+    made = []
+
+    def _make(**kw) -> AdapterCatalog:
+        cat = AdapterCatalog(AdapterRegistry(registry_url), AdapterStore(tmp_path / "store"), spec,
+                             kw.pop("fingerprint", FINGERPRINT), max_lora_rank=64, **kw)
+        made.append(cat)
+        return cat
+
+    yield _make
+    for cat in made:
+        cat.close()
+
+
+def test_catalog_resolves_names_versions_and_base(make_catalog, tiny_dirs):
+    cat = make_catalog()
+    v1 = cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn", source="import")
+    v2 = cat.register_dir("a", tiny_dirs["adapters"] / "lora-mlp", source="import")
+    assert (v1.version, v2.version) == (1, 2)
+    assert cat.resolve("a").record == v2 and cat.resolve("a@1").record == v1
+    assert cat.resolve("base").record is None and cat.resolve(tiny.TINY_ID).record is None
+    with pytest.raises(AdapterNotFound, match="adapter 'a' has no version 3; versions: 1, 2"):
+        cat.resolve("a@3")
+    with pytest.raises(AdapterNotFound, match=r"The model 'zzz' does not exist. Available: tiny-llama, a"):
+        cat.resolve("zzz")
+
+
+def test_a_version_records_every_field(make_catalog, tiny_dirs):
+    cat = make_catalog()
+    folder = tiny_dirs["adapters"] / "lora-mlp"
+    r = cat.register_dir("m", folder, source="import", description="all linear", metrics={"loss": 1.5})
+    assert (r.name, r.version, r.kind, r.rank, r.alpha) == ("m", 1, "lora", 16, 32.0)
+    assert r.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert r.sha256 == hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert r.size_bytes >= (folder / "adapter_model.safetensors").stat().st_size
+    assert (r.base_model, r.base_fingerprint, r.source) == (tiny.TINY_ID, FINGERPRINT, "import")
+    assert (r.description, r.metrics, r.num_virtual_tokens) == ("all linear", {"loss": 1.5}, None)
+    s = cat.register_dir("s", tiny_dirs["adapters"] / "soft", source="upload")
+    assert (s.kind, s.num_virtual_tokens, s.rank, s.target_modules) == ("prompt_tuning", 6, None, None)
+    # the same from a fresh process's point of view
+    again = make_catalog()
+    assert again.resolve("m").record == r
+
+
+def test_store_is_content_addressed_and_checked_on_load(make_catalog, tiny_dirs, tmp_path):
+    cat = make_catalog()
+    a = cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn", source="import")
+    b = cat.register_dir("b", tiny_dirs["adapters"] / "lora-attn", source="import")
+    assert a.store_key == b.store_key and cat.store.keys() == [a.store_key]
+    manifest = json.loads((cat.store.path(a.store_key) / "manifest.json").read_text())
+    assert manifest["files"]["adapter_model.safetensors"] == a.sha256 and manifest["kind"] == "lora"
+    cat.cache.drop(a.key)
+    weights = cat.store.path(a.store_key) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterInvalid, match="is corrupt"):
+        cat.load(a)
+
+
+def test_failed_registration_changes_nothing(make_catalog, tiny_dirs, tmp_path):
+    cat = make_catalog()
+    cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn", source="import")
+    before = (cat.registry.snapshot().versions, sorted(cat.store.keys()))
+    bad = shutil.copytree(tiny_dirs["adapters"] / "lora-mlp", tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(AdapterInvalid):
+        cat.register_dir("a", bad, source="import")
+    assert (cat.registry.snapshot().versions, sorted(cat.store.keys())) == before
+    assert not any(cat.store.staging_root.iterdir())
+
+
+def test_promote_delete_and_numbers_never_reused(make_catalog, tiny_dirs):
+    cat = make_catalog()
+    folders = [tiny_dirs["adapters"] / n for n in ("lora-attn", "lora-mlp", "lora-tmpl")]
+    for f in folders:
+        cat.register_dir("a", f, source="import")
+    assert cat.resolve("a").record.version == 3
+    cat.promote("a", 1)
+    assert cat.resolve("a").record.version == 1
+    with pytest.raises(AdapterNotFound, match="no version 9"):
+        cat.promote("a", 9)
+    assert [r.version for r in cat.delete("a", 1)] == [1]
+    assert cat.resolve("a").record.version == 3  # the active one went: the newest left takes over
+    assert [r.version for r in cat.delete("a")] == [2, 3]
+    with pytest.raises(AdapterNotFound):
+        cat.resolve("a")
+    with pytest.raises(AdapterNotFound, match="does not exist"):
+        cat.delete("a")
+    again = cat.register_dir("a", folders[0], source="import")
+    assert again.version == 4  # `a@1` never names other weights than it did
+
+
+def test_concurrent_registrations_of_one_name_become_consecutive_versions(make_catalog, tiny_dirs):
+    cats = [make_catalog(), make_catalog()]  # two registries = two connections pools, as two processes
+    errors, records = [], []
+
+    def worker(cat, folder):
+        try:
+            for _ in range(4):
+                records.append(cat.register_dir("race", folder, source="upload"))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c, tiny_dirs["adapters"] / f))
+               for c, f in zip(cats, ("lora-attn", "lora-mlp"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert sorted(r.version for r in records) == list(range(1, 9))
+    snap = cats[0].registry.snapshot()
+    assert sorted(snap.versions["race"]) == list(range(1, 9))
+    for r in records:  # every version wholly there: its row, and its object in the store
+        assert snap.versions["race"][r.version] == r
+        assert cats[0].load(r).adapter.kind == "lora"
+
+
+def test_another_process_registration_is_seen_by_watch(make_catalog, tiny_dirs):
+    serving, other = make_catalog(), make_catalog()
+    seen = threading.Event()
+    serving.watch(interval_s=0.05)
+    other.register_dir("new", tiny_dirs["adapters"] / "lora-attn", source="training")
+    for _ in range(200):
+        if "new" in serving.snapshot.active:
+            seen.set()
+            break
+        seen.wait(0.05)
+    assert seen.is_set()
+    assert serving.resolve("new").record.source == "training"
+
+
+def test_a_version_for_another_base_is_refused(make_catalog, tiny_dirs):
+    make_catalog(fingerprint="other-model:1234").register_dir("x", tiny_dirs["adapters"] / "lora-attn", source="import")
+    with pytest.raises(AdapterIncompatible, match="registered for base other-model:1234"):
+        make_catalog().resolve("x")
+
+
+def test_cpu_tier_is_bounded_by_bytes_and_keeps_pinned(make_catalog, tiny_dirs):
+    cat = make_catalog()
+    small = cat.register_dir("small", tiny_dirs["adapters"] / "lora-attn", source="import")
+    big = cat.register_dir("big", tiny_dirs["adapters"] / "lora-mlp", source="import")
+    sizes = {r.key: cat.load(r).adapter.nbytes for r in (small, big)}
+    cat.cache.max_bytes = sizes[big.key] + sizes[small.key] // 2
+    for r in (small, big):
+        cat.cache.drop(r.key)
+    cat.cache.pin(small.key, cat.load(small).adapter)
+    assert cat.load(big).adapter.nbytes == sizes[big.key]  # handed over, but no room beside the pinned one
+    assert cat.cache.keys() == {small.key} and cat.cache.nbytes() <= cat.cache.max_bytes
+    cat.cache.unpin(small.key)
+    cat.load(big)
+    assert cat.cache.keys() == {big.key}
