@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -358,6 +359,7 @@ def run(args: argparse.Namespace) -> dict:
         "(f) ms": sc["f"]["cold_minus_warm_ms"],
     }
     result["targets"] = TARGETS
+    shutil.rmtree(work, ignore_errors=True)  # kept only when a run fails, for its server log
     return result
 
 
