@@ -20,6 +20,11 @@ class AdapterCache:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
 
+    def __contains__(self, key: str) -> bool:
+        """Held now; unlike `get`, looking does not count as a use."""
+        with self._lock:
+            return key in self._entries
+
     def get(self, key: str) -> ParsedAdapter | None:
         with self._lock:
             parsed = self._entries.get(key)

@@ -38,7 +38,7 @@ FORM_OVERHEAD = 64 << 10  # multipart boundaries, headers and the small fields
 def _residency(rt: Runtime, key: str) -> str:
     if key in rt.engine.resident:
         return "device"
-    return "cpu" if rt.catalog.cache.get(key) is not None else "disk"
+    return "cpu" if key in rt.catalog.cache else "disk"  # listing must not reorder the LRU
 
 
 def _version_public(rt: Runtime, r: VersionRecord) -> AdapterVersionPublic:
