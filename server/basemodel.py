@@ -245,3 +245,25 @@ def resident_bytes(model: torch.nn.Module) -> int:
         if qs is not None and getattr(qs, "absmax", None) is not None:
             total += qs.absmax.numel() * qs.absmax.element_size()
     return total
+
+
+# The projections an adapter may target (the engine serves LoRA on these).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Targetable module name -> (out_features, in_features), what adapters are checked against."""
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if name.rpartition(".")[2] in LORA_TARGETS and hasattr(m, "in_features")}
+
+
+def eos_ids(base: LoadedBase) -> set[int]:
+    """Every token id that ends a generation: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(base.model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), base.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

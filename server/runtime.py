@@ -15,6 +15,7 @@ from hotpeft.server.config import Settings
 from hotpeft.server.engine.batching import BatchEngine, EngineLimits
 from hotpeft.server.engine.forward import SlotKVCache, kv_bytes_per_token
 from hotpeft.server.engine.lora import LoraBank
+from hotpeft.trainer.jobs import JobManager, JobStore, WorkerSettings
 
 log = logging.getLogger("hotpeft.server")
 
@@ -27,6 +28,7 @@ class Runtime:
     base: basemodel.LoadedBase
     catalog: AdapterCatalog
     engine: BatchEngine
+    jobs: JobManager
     started: int
 
     @property
@@ -76,8 +78,27 @@ def build_runtime(settings: Settings) -> Runtime:
     kv = make_kv_cache(settings, base, dtype, device)
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
                           max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
-    engine = BatchEngine(base.model, base.tokenizer, bank, kv, eos_ids(base), limits)
-    return Runtime(settings, base, catalog, engine, int(time.time()))
+    engine = BatchEngine(base.model, base.tokenizer, bank, kv, basemodel.eos_ids(base), limits)
+    return Runtime(settings, base, catalog, engine, make_job_manager(settings, catalog), int(time.time()))
+
+
+def make_job_manager(settings: Settings, catalog: AdapterCatalog) -> JobManager:
+    """Fine-tuning jobs of this server: records in <home>/jobs.db, workers training on the served base."""
+    threads = settings.train_threads or max(1, (os.cpu_count() or 1) // 2)
+    worker = WorkerSettings(
+        model=settings.model, home=str(settings.home), registry_url=settings.registry_url,
+        store_dir=str(settings.store_dir) if settings.store_dir else None, device=settings.device, threads=threads,
+        max_lora_rank=settings.max_lora_rank, allow_foreign_base=settings.allow_foreign_base,
+    )
+
+    def find_registered(job_id: str) -> str | None:
+        for record in catalog.registry.snapshot().records():
+            if record.source == "training" and (record.source_detail or {}).get("job") == job_id:
+                return record.key
+        return None
+
+    return JobManager(JobStore(settings.home), worker, max_running=settings.max_running_jobs,
+                      find_registered=find_registered)
 
 
 def open_catalog(settings: Settings, base: basemodel.LoadedBase, bank: LoraBank) -> AdapterCatalog:
@@ -127,14 +148,3 @@ def make_kv_cache(settings: Settings, base: basemodel.LoadedBase, dtype: torch.d
     log.info("KV cache: %d slots x %d tokens, %.0f MiB%s", n_slots, base.max_model_len, kv.nbytes / 2**20,
              " (CPU pages are committed as they are used)" if device.type == "cpu" else "")
     return kv
-
-
-def eos_ids(base: basemodel.LoadedBase) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(base.model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), base.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

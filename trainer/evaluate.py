@@ -1,0 +1,130 @@
+"""Held-out evaluation: loss on the completion tokens, and greedy generations scored with ROUGE-1/2/L
+(the rouge-score package) and exact match. The same code scores the base and every adapter.
+
+    hotpeft eval --adapter NAME [--adapter OTHER ...] --data FILE   (see trainer/cli.py)
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from hotpeft.trainer.data import IGNORE, Encoded
+from hotpeft.trainer.errors import JobCancelled
+
+GEN_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match")
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+@torch.no_grad()
+def held_out_loss(model, examples: list[Encoded], pad: int, device: torch.device, batch_size: int = 8,
+                  should_stop: Callable[[], bool] = lambda: False) -> float:
+    """Mean cross-entropy per completion token (teacher-forced)."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        if should_stop():
+            raise JobCancelled("the job was cancelled during evaluation")
+        chunk = examples[i:i + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[j, :len(e.labels)] = torch.tensor(e.labels)
+            mask[j, :len(e.input_ids)] = 1
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+        n = int((labels[:, 1:] != IGNORE).sum())  # the model's loss is the mean over shifted labels
+        total += float(out.loss) * n
+        count += n
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad: int,
+             device: torch.device, batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+    """Greedy continuations, left-padded batches; decoded without special tokens."""
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        if should_stop():
+            raise JobCancelled("the job was cancelled during evaluation")
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_ids, pad_token_id=pad)
+        for row in out[:, width:]:
+            texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    return texts
+
+
+def score(predictions: list[str], references: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    sums = dict.fromkeys(GEN_METRICS, 0.0)
+    for pred, ref in zip(predictions, references):
+        s = scorer.score(ref, pred)
+        for k in ("rouge1", "rouge2", "rougeL"):
+            sums[k] += s[k].fmeasure
+        sums["exact_match"] += float(normalize(pred) == normalize(ref))
+    n = max(1, len(predictions))
+    return {k: v / n for k, v in sums.items()}
+
+
+def evaluate(model, tokenizer, examples: list[Encoded], *, device: torch.device, eos_ids: list[int], pad: int,
+             max_new_tokens: int, limit: int, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """{"loss", "rouge1", "rouge2", "rougeL", "exact_match", "examples", "generated", "samples"}."""
+    model.eval()
+    loss = held_out_loss(model, examples, pad, device, should_stop=should_stop)
+    subset = examples[:limit]
+    preds = generate(model, tokenizer, [e.prompt_ids for e in subset], max_new_tokens=max_new_tokens,
+                     eos_ids=eos_ids, pad=pad, device=device, should_stop=should_stop)
+    refs = [e.reference for e in subset]
+    metrics = {"loss": loss, **score(preds, refs), "examples": len(examples), "generated": len(subset)}
+    metrics["samples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]
+    return metrics
+
+
+# ---- the table ------------------------------------------------------------------------------------
+ROWS = [
+    ("loss", "held-out loss", "{:.4f}"),
+    ("rouge1", "ROUGE-1", "{:.4f}"),
+    ("rouge2", "ROUGE-2", "{:.4f}"),
+    ("rougeL", "ROUGE-L", "{:.4f}"),
+    ("exact_match", "exact match", "{:.4f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("trainable_percent", "trainable %", "{:.3f}"),
+    ("train_seconds", "training time (s)", "{:.1f}"),
+    ("tokens_per_s", "training tokens/s", "{:.0f}"),
+    ("peak_memory_mib", "peak memory (MiB)", "{:.0f}"),
+    ("adapter_bytes", "adapter size (bytes)", "{:,}"),
+]
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """Metrics side by side: one column per model (base first), one row per metric present anywhere."""
+    names = list(columns)
+    rows = [(label, [fmt.format(columns[c][key]) if columns[c].get(key) is not None else "-" for c in names])
+            for key, label, fmt in ROWS if any(columns[c].get(key) is not None for c in names)]
+    first = max([len("metric")] + [len(label) for label, _ in rows])
+    widths = [max([len(c)] + [len(cells[i]) for _, cells in rows]) for i, c in enumerate(names)]
+    lines = ["  ".join(["metric".ljust(first)] + [c.rjust(w) for c, w in zip(names, widths)])]
+    lines.append("  ".join(["-" * first] + ["-" * w for w in widths]))
+    for label, cells in rows:
+        lines.append("  ".join([label.ljust(first)] + [cell.rjust(w) for cell, w in zip(cells, widths)]))
+    return "\n".join(lines)
+
+
+def improvement(base: dict, adapter: dict, metric: str) -> float:
+    from hotpeft.trainer.config import METRICS
+
+    return (adapter[metric] - base[metric]) * METRICS[metric]
