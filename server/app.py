@@ -27,11 +27,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Deleted versions leave the engine once no running request uses them.
         catalog.on_removed.append(lambda keys: engine.call(lambda: engine.release(keys)))
         catalog.watch()
+        runtime.jobs.start()
         app.state.runtime = runtime
         log.info("serving %s and %d adapter(s)", runtime.base.model_id, len(catalog.active()))
         try:
             yield
         finally:
+            runtime.jobs.stop()
             engine.stop()
             catalog.close()
 

@@ -61,14 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     from hotpeft.server import adapters_cli, bench
+    from hotpeft.trainer import cli as trainer_cli
 
     adapters_cli.add_parser(sub)
     bench.add_parser(sub)
+    trainer_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return {"serve": serve, "bench": bench.main, "adapters": adapters_cli.main}[args.command](args)
+    commands = {"serve": serve, "bench": bench.main, "adapters": adapters_cli.main, "train": trainer_cli.train_main,
+                "eval": trainer_cli.eval_main, "demo-data": trainer_cli.demo_main}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(1 << 30, ge=1, description="largest adapter upload or import accepted, in bytes")
     max_cpu_adapter_bytes: int = Field(
         4 << 30, ge=1, description="adapter weights kept in CPU memory (LRU by bytes; the rest is read from the store)")
+    max_file_bytes: int = Field(256 << 20, ge=1, description="largest training file accepted by POST /v1/files, in bytes")
+    max_running_jobs: int = Field(1, ge=1, le=64, description="fine-tuning jobs trained at once (the rest wait queued)")
+    train_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads of a training job's worker process (default: half the cores, at "
+                                         "least 1); workers also run at a lower CPU priority than serving")
     max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences decoding at once (KV slots)")
     kv_cache_mib: int | None = Field(

@@ -12,6 +12,7 @@ from hotpeft.adapters.errors import (
     AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName,
 )
 from hotpeft.server.engine.base import EngineFailure, Overloaded
+from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, JobConflict, JobNotFound, TrainerError
 
 log = logging.getLogger("hotpeft.http")
 
@@ -28,6 +29,10 @@ class ForbiddenPath(InvalidRequest):
     """A server-side path the request may not use: outside every --import-root (403)."""
 
 
+class PayloadTooLarge(InvalidRequest):
+    """An upload over its size limit (413)."""
+
+
 # class -> (status, type, code); the first match wins
 
 _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
@@ -39,6 +44,12 @@ _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (AdapterInvalid, 400, "invalid_request_error", "adapter_invalid"),
     (AdapterError, 400, "invalid_request_error", None),
     (ForbiddenPath, 403, "invalid_request_error", "path_not_allowed"),
+    (PayloadTooLarge, 413, "invalid_request_error", "file_too_large"),
+    (JobNotFound, 404, "invalid_request_error", "not_found"),
+    (JobConflict, 409, "invalid_request_error", "conflict"),
+    (DatasetInvalid, 400, "invalid_request_error", "invalid_file"),
+    (ConfigInvalid, 400, "invalid_request_error", "invalid_hyperparameters"),
+    (TrainerError, 400, "invalid_request_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (EngineFailure, 500, "server_error", "engine_failure"),

@@ -37,6 +37,7 @@ class ServerProcess(LocalServer):
     """`hotpeft serve` on 127.0.0.1 with its own home; its log is `<home>/server.log`."""
 
     def __init__(self, args: list[str], home: Path, env: dict | None = None, start_timeout: float = 300):
+        self.home = home
         super().__init__(args, home / "server.log", {"HOTPEFT_HOME": str(home), **(env or {})}, start_timeout)
 
 
@@ -123,3 +124,53 @@ def postgres_server():
     subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
                    capture_output=True, timeout=60)
     shutil.rmtree(data, ignore_errors=True)
+
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "paper", "music", "light", "ocean", "bread", "chair",
+         "plant", "sugar", "train", "water"]
+
+
+@pytest.fixture(scope="session")
+def word_data(tmp_path_factory):
+    """A task the tiny model learns in seconds: {'pairs': train, 'pairs_valid': held-out, 'chat': chat train}."""
+    import json
+    import random
+
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+
+    def write(name: str, rows: list[dict]) -> Path:
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    pair = lambda w: {"prompt": f"word: {w}\nanswer:", "completion": f" {w.upper()}"}  # noqa: E731
+    chat = lambda w: {"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]}  # noqa: E731
+    return {
+        "pairs": write("pairs.jsonl", [pair(rng.choice(WORDS)) for _ in range(64)]),
+        "pairs_valid": write("pairs-valid.jsonl", [pair(w) for w in WORDS[:8]]),
+        "chat": write("chat.jsonl", [chat(rng.choice(WORDS)) for _ in range(48)]),
+    }
+
+
+@pytest.fixture(scope="session")
+def trainer_server(tiny_dirs, tmp_path_factory):
+    """A server on the tiny model whose home the training tests share (its registry, store, jobs)."""
+    server = ServerProcess(["--model", str(tiny_dirs["base"]), "--dtype", "float32", "--max-file-bytes", str(1 << 20)],
+                           tmp_path_factory.mktemp("trainer-home"))
+    yield server
+    server.stop()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(interval)

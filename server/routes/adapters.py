@@ -22,6 +22,7 @@ from hotpeft.adapters.registry import VersionRecord
 from hotpeft.server.deps import RuntimeDep
 from hotpeft.server.errors import ForbiddenPath, InvalidRequest
 from hotpeft.server.runtime import Runtime
+from hotpeft.server.uploads import limited_form
 from hotpeft.server.schemas import (
     AdapterDeleted, AdapterImport, AdapterList, AdapterMerge, AdapterPromote, AdapterPublic, AdapterResidency,
     AdapterTiers, AdapterVersionPublic, ResidencyChange,
@@ -31,7 +32,6 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE, "chat_template.jinja", "tokenizer_config.json")
 IGNORED_FILES = ("README.md",)  # the model card PEFT's save_pretrained writes: accepted, not stored
-FORM_OVERHEAD = 64 << 10  # multipart boundaries, headers and the small fields
 
 
 # ---- views ---------------------------------------------------------------------------------------
@@ -88,24 +88,6 @@ async def register(request: Request, rt: RuntimeDep) -> AdapterVersionPublic:
     return _version_public(rt, record)
 
 
-async def _limited_form(request: Request, limit: int):
-    """The multipart form, refused as soon as the body passes `limit` (+ form overhead)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
-        raise _too_large(int(declared), limit)
-    seen = 0
-
-    async def receive():
-        nonlocal seen
-        message = await request.receive()
-        seen += len(message.get("body", b""))
-        if seen > limit + FORM_OVERHEAD:
-            raise _too_large(seen, limit)
-        return message
-
-    return await Request(request.scope, receive).form(max_files=len(UPLOAD_FILES) + len(IGNORED_FILES), max_fields=4)
-
-
 def _too_large(size: int, limit: int) -> AdapterTooLarge:
     return AdapterTooLarge(
         f"the adapter upload is {size} bytes or more, over --max-adapter-bytes {limit}; "
@@ -115,7 +97,8 @@ def _too_large(size: int, limit: int) -> AdapterTooLarge:
 
 async def _register_upload(request: Request, rt: RuntimeDep) -> VersionRecord:
     limit = rt.settings.max_adapter_bytes
-    form = await _limited_form(request, limit)
+    form = await limited_form(request, limit, lambda seen: _too_large(seen, limit),
+                              max_files=len(UPLOAD_FILES) + len(IGNORED_FILES), max_fields=4)
     try:
         fields, files = {}, {}
         for key, value in form.multi_items():
