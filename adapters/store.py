@@ -56,7 +56,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,6 +64,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def default_store_dir(home: Path) -> Path:
+    """The adapter store of a home directory when no --store-dir is given."""
+    return Path(home) / "store"
 
 
 class AdapterStore:
@@ -78,7 +83,7 @@ class AdapterStore:
     def _remove_dead_staging(self) -> None:
         for entry in self.staging_root.iterdir():
             pid = entry.name.split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not pid.isdigit() or not pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
 
     @contextlib.contextmanager

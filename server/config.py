@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hotpeft.adapters.registry import default_registry_url
+from hotpeft.adapters.store import default_store_dir
 from hotpeft.server.basemodel import DEFAULT_MODEL_ID
 
 
@@ -79,11 +81,11 @@ class Settings(BaseSettings):
 
     @property
     def registry(self) -> str:
-        return self.registry_url or f"sqlite:///{self.home / 'registry.db'}"
+        return self.registry_url or default_registry_url(self.home)
 
     @property
     def store(self) -> Path:
-        return self.store_dir or self.home / "store"
+        return self.store_dir or default_store_dir(self.home)
 
     @field_validator("adapters_dir")
     @classmethod

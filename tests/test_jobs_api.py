@@ -65,6 +65,9 @@ def test_cancel_a_running_job_while_the_next_one_waits_queued(oai, files, traine
                                        extra_body={"hotpeft": {"max_steps": 100000, "rank": 4}})
     wait_for(lambda: (oai.fine_tuning.jobs.retrieve(long.id).model_extra["hotpeft"]["progress"] or {}).get("step"),
              180, interval=0.5, what="the long job training")
+    # training runs in its own process: serving keeps answering meanwhile
+    reply = oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.choices[0].finish_reason in ("stop", "length")
     queued = oai.fine_tuning.jobs.create(model="base", training_file=files["pairs"], suffix="api-after",
                                          extra_body={"hotpeft": {"max_steps": 2, "rank": 4, "eval_max_new_tokens": 4}})
     assert oai.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # one job at a time by default

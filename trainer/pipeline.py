@@ -20,6 +20,8 @@ import torch
 
 from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec, VersionRecord
 from hotpeft.adapters.faults import failpoint
+from hotpeft.adapters.registry import default_registry_url
+from hotpeft.adapters.store import default_store_dir, pid_alive
 from hotpeft.server import basemodel
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.config import TrainConfig
@@ -45,11 +47,11 @@ class TrainerEnv:
 
     @property
     def registry(self) -> str:
-        return self.registry_url or f"sqlite:///{self.home / 'registry.db'}"
+        return self.registry_url or default_registry_url(self.home)
 
     @property
     def store(self) -> Path:
-        return self.store_dir or self.home / "store"
+        return self.store_dir or default_store_dir(self.home)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -88,19 +90,9 @@ def _workdir(home: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("train-*"):  # left by a run that was killed
         pid = old.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"train-{os.getpid()}-", dir=root))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, env: TrainerEnv, *,
