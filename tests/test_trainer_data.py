@@ -135,6 +135,7 @@ def test_held_out_split_is_fixed_by_the_seed(tmp_path, tok):
     ({"prompt_init": "text", "method": "prompt_tuning"}, r"--prompt-init text needs --prompt-init-text"),
     ({"prompt_init_text": "hi"}, r"--prompt-init-text applies to --method prompt_tuning only"),
     ({"min_improvement": {"bleu": 1.0}}, r"--min-improvement: unknown metric 'bleu'"),
+    ({"target_modules": ["q_proj", "lm_head"]}, r"--target-modules: lm_head cannot be served; choose from q_proj"),
 ])
 def test_out_of_range_options_name_the_flag_and_range(kwargs, match):
     with pytest.raises(ConfigInvalid, match=match):

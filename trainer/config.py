@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from hotpeft.server.basemodel import LORA_TARGETS
 from hotpeft.trainer.errors import ConfigInvalid
 
 METHODS = ("lora", "qlora", "prompt_tuning")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(LORA_TARGETS)  # the projections the engine serves LoRA on
 # Lower is better for loss; higher for the others. Improvement = how much the adapter beats the base.
 METRICS = {"loss": -1, "rouge1": 1, "rouge2": 1, "rougeL": 1, "exact_match": 1}
 # LoRA: 2e-4 is the usual large-model figure; on a 135M model with a few hundred examples 1e-3
@@ -106,9 +107,13 @@ class TrainConfig:
             self.alpha = 2.0 * self.rank
         self._range("alpha", 1e-3, 4096)
         self._range("dropout", 0.0, 0.9)
-        if not self.target_modules or any(not isinstance(m, str) or not m for m in self.target_modules):
+        if not self.target_modules or any(not isinstance(m, str) for m in self.target_modules):
             raise ConfigInvalid("target_modules", f"{flag('target_modules')} needs at least one module name, e.g. "
                                                   f"{','.join(ALL_LINEAR)}")
+        unservable = [m for m in self.target_modules if m not in ALL_LINEAR]
+        if unservable:  # the engine applies LoRA to these projections only
+            raise ConfigInvalid("target_modules", f"{flag('target_modules')}: {', '.join(unservable)} cannot be "
+                                                  f"served; choose from {', '.join(ALL_LINEAR)}")
         self._range("num_virtual_tokens", 1, 512)
         if self.prompt_init is None:
             self.prompt_init = "text" if self.prompt_init_text else "random"
