@@ -135,7 +135,8 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
             base_metrics = evaluate(peft_model, tok, prepared.valid, **common)
         adapter_metrics = evaluate(peft_model, tok, prepared.valid, **common)
         out = workdir / "adapter"
-        peft_model.save_pretrained(out, safe_serialization=True)
+        # save_embedding_layers=False: the embeddings are not trained (and checking would look the base up on the hub)
+        peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
         (out / "README.md").unlink(missing_ok=True)
         adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
         training = {
