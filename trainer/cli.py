@@ -184,20 +184,19 @@ def train_main(args: argparse.Namespace) -> int:
         return 2
     _quiet()
     bar = _Bar(not args.no_progress)
-    say = (lambda m, d=None: None) if args.json else (lambda m, d=None: print(m, file=sys.stderr)
-                                                      if not m.startswith("Evaluation") else None)
+
+    def say(message: str, data: dict | None = None) -> None:  # the table is printed once, at the end
+        if not args.json and not message.startswith("Evaluation"):
+            print(message, file=sys.stderr)
+
     try:
-        outcome = run_training(cfg, args.data, args.validation, env, progress=bar, events=say)
-    except InsufficientImprovement as e:
-        bar.close()
-        print(f"hotpeft train: {e.message}", file=sys.stderr)
-        return 1
+        try:
+            outcome = run_training(cfg, args.data, args.validation, env, progress=bar, events=say)
+        finally:
+            bar.close()
     except TrainerError as e:
-        bar.close()
         print(f"hotpeft train: {e.message}", file=sys.stderr)
-        return 2
-    finally:
-        bar.close()
+        return 1 if isinstance(e, InsufficientImprovement) else 2
     if args.json:
         print(json.dumps({"adapter": outcome.record.key, "metrics": outcome.metrics}, indent=1, default=str))
     else:

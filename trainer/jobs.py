@@ -246,13 +246,6 @@ class JobStore:
         with Session(self.engine) as s, s.begin():
             return s.execute(q.values(**values)).rowcount == 1
 
-    def count_by_status(self) -> dict[str, int]:
-        with Session(self.engine) as s:
-            out = dict.fromkeys(ACTIVE + TERMINAL, 0)
-            for status in s.scalars(select(JobRow.status)):
-                out[status] = out.get(status, 0) + 1
-            return out
-
     # ---- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict | None = None) -> None:
@@ -368,10 +361,6 @@ class JobManager:
                 self._kill_at[job_id] = time.monotonic() + CANCEL_GRACE_S
         self._wake.set()
         return self.store.get_job(job_id)
-
-    def running(self) -> list[str]:
-        with self._lock:
-            return list(self._procs)
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:

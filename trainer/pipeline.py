@@ -8,7 +8,6 @@ the server serves the new version within a second, without a restart.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -28,9 +27,6 @@ from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.errors import ConfigInvalid, InsufficientImprovement, JobCancelled
 from hotpeft.trainer.evaluate import evaluate, format_table, improvement
 from hotpeft.trainer.train import build_peft_model, load_training_base, pad_id, train
-
-log = logging.getLogger("hotpeft.trainer")
-
 
 @dataclass
 class TrainerEnv:

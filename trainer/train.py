@@ -42,8 +42,7 @@ class TrainStats:
 def load_training_base(source: basemodel.ModelSource, method: str, device: torch.device) -> basemodel.LoadedBase:
     """The base the adapter is trained on: nf4 for QLoRA, full precision otherwise (bf16 on CUDA)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = basemodel.load_base(source, "nf4" if method == "qlora" else "none", device=device, dtype=dtype)
-    return base
+    return basemodel.load_base(source, "nf4" if method == "qlora" else "none", device=device, dtype=dtype)
 
 
 def build_peft_model(base: basemodel.LoadedBase, cfg: TrainConfig):
