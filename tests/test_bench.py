@@ -21,7 +21,8 @@ def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
         assert sc[key]["ttft_p50_ms"] is not None
     assert sc["e"]["roofline_tok_s"] > 0 and sc["e"]["read_bandwidth_gb_s"] > 0
     assert len(sc["f"]["cold_ttft_ms"]) == 1
-    assert set(result["results"]) == {"(c)/(b)", "(c)/(a)", "(e) of roofline", "(d)/(b)", "(f) ms"}
+    assert len(sc["g"]["served_after_ms"]) == 2 and sc["g"]["max_ms"] > 0
+    assert set(result["results"]) == {"(c)/(b)", "(c)/(a)", "(e) of roofline", "(d)/(b)", "(f) ms", "(g) max ms"}
     assert "| (c) engine, 8 LoRA + 2 soft |" in proc.stdout  # the printed table
 
 
