@@ -285,6 +285,15 @@ class WorkerSettings:
     ENV = "HOTPEFT_WORKER_SETTINGS"
 
 
+def _is_worker_of(pid: int, job_id: str) -> bool:
+    """Whether `pid` is alive and is the worker of `job_id` (a pid may have been reused since)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"hotpeft.trainer.worker" in cmdline and job_id.encode() in cmdline
+
+
 class JobManager:
     """Runs queued jobs in worker processes (`python -m hotpeft.trainer.worker`), at most
     `max_running` at a time, and keeps their records true when workers die or the server restarts."""
@@ -331,6 +340,8 @@ class JobManager:
         """Jobs left `running` by a previous server process: their workers died with it."""
         jobs, _ = self.store.list_jobs(limit=1_000_000, status=("running", "validating_files"))
         for job in jobs:
+            if job.pid is not None and _is_worker_of(job.pid, job.id):
+                continue  # another server on this home still runs it
             self._finish(job.id, None, interrupted="the server restarted while the job was running; create a new "
                                                    "job to train again")
 
