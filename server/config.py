@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads of a training job's worker process (default: half the cores, at "
                                          "least 1); workers also run at a lower CPU priority than serving")
+    metrics_max_adapters: int = Field(
+        100, ge=1, le=10000, description="distinct adapter names given their own metrics label; the rest are "
+                                         "counted as adapter=\"other\"")
     max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences decoding at once (KV slots)")
     kv_cache_mib: int | None = Field(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client.core import GaugeMetricFamily
 
 from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec
 from hotpeft.server import basemodel
@@ -15,6 +16,7 @@ from hotpeft.server.config import Settings
 from hotpeft.server.engine.batching import BatchEngine, EngineLimits
 from hotpeft.server.engine.forward import SlotKVCache, kv_bytes_per_token
 from hotpeft.server.engine.lora import LoraBank
+from hotpeft.server.metrics import EngineObserver, Metrics
 from hotpeft.trainer.jobs import JobManager, JobStore, WorkerSettings
 
 log = logging.getLogger("hotpeft.server")
@@ -29,6 +31,7 @@ class Runtime:
     catalog: AdapterCatalog
     engine: BatchEngine
     jobs: JobManager
+    metrics: Metrics
     started: int
 
     @property
@@ -79,7 +82,48 @@ def build_runtime(settings: Settings) -> Runtime:
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
                           max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
     engine = BatchEngine(base.model, base.tokenizer, bank, kv, basemodel.eos_ids(base), limits)
-    return Runtime(settings, base, catalog, engine, make_job_manager(settings, catalog), int(time.time()))
+    jobs = make_job_manager(settings, catalog)
+    metrics = make_metrics(settings, base, engine, catalog, jobs)
+    engine.observer = EngineObserver(metrics)
+    return Runtime(settings, base, catalog, engine, jobs, metrics, int(time.time()))
+
+
+def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEngine, catalog: AdapterCatalog,
+                 jobs: JobManager) -> Metrics:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("hotpeft")
+    except PackageNotFoundError:
+        release = "unknown"
+
+    def gauges() -> list[GaugeMetricFamily]:
+        stats = engine.stats()
+        out = []
+        for name, doc, value in (
+            ("hotpeft_requests_running", "Requests decoding now", stats["running"]),
+            ("hotpeft_requests_waiting", "Requests waiting for a sequence slot", stats["waiting"]),
+            ("hotpeft_kv_cache_used_tokens", "KV cache positions in use", stats["kv_tokens"]),
+            ("hotpeft_kv_cache_capacity_tokens", "KV cache positions in all slots", stats["slots"] * stats["slot_len"]),
+            ("hotpeft_kv_cache_budget_bytes", "Bytes of the KV cache", stats["kv_bytes"]),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            out.append(g)
+        count = GaugeMetricFamily("hotpeft_resident_adapters", "Adapters held per tier", labels=["tier"])
+        count.add_metric(["device"], stats["resident_loras"])
+        count.add_metric(["cpu"], len(catalog.cache.keys()))
+        size = GaugeMetricFamily("hotpeft_resident_adapter_bytes", "Adapter bytes held per tier", labels=["tier"])
+        size.add_metric(["device"], stats["resident_lora_bytes"])
+        size.add_metric(["cpu"], catalog.cache.nbytes())
+        states = GaugeMetricFamily("hotpeft_training_jobs", "Fine-tuning jobs by state", labels=["state"])
+        for state, n in jobs.store.count_by_status().items():
+            states.add_metric([state], n)
+        return out + [count, size, states]
+
+    info = {"version": release, "base_model": base.model_id, "quantization": base.quantization,
+            "device": str(base.device)}
+    return Metrics(base_id=base.model_id, max_adapters=settings.metrics_max_adapters, info=info, gauges=gauges)
 
 
 def make_job_manager(settings: Settings, catalog: AdapterCatalog) -> JobManager:

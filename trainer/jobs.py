@@ -246,6 +246,15 @@ class JobStore:
         with Session(self.engine) as s, s.begin():
             return s.execute(q.values(**values)).rowcount == 1
 
+    def count_by_status(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        with Session(self.engine) as s:
+            out = dict.fromkeys(ACTIVE + TERMINAL, 0)
+            for status, n in s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)):
+                out[status] = n
+            return out
+
     # ---- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict | None = None) -> None:

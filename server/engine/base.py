@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter: AdapterVersion | None = None  # None: the bare base
     request_id: int = field(default_factory=lambda: next(_ids))
+    created: float = field(default_factory=time.monotonic)  # for the queue-wait metric
 
 
 @dataclass

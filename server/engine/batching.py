@@ -94,6 +94,7 @@ class BatchEngine(Engine):
         self._steps = 0
         self._tokens = 0
         self._failed_steps = 0
+        self.observer = None  # metrics.EngineObserver: told of admissions and steps, from this thread
 
     # ---- the boundary -------------------------------------------------------------------------
     def start(self) -> None:
@@ -327,6 +328,8 @@ class BatchEngine(Engine):
             log.exception("request %d could not be admitted", request.request_id)
             sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
             return True
+        if self.observer is not None:
+            self.observer.admitted(request.adapter, time.monotonic() - request.created)
         slot = len(self._running)
         self.kv.release(slot)
         p = request.params
@@ -388,6 +391,7 @@ class BatchEngine(Engine):
     @torch.inference_mode()
     def _step(self) -> None:
         rows = list(self._running)
+        t0 = time.perf_counter()
         try:
             step, sampled, takes = self._build()
             self.kv.prepare(len(rows), step.read_len)
@@ -410,6 +414,8 @@ class BatchEngine(Engine):
         finally:
             self.bank.clear_plan()
         self._steps += 1
+        if self.observer is not None:
+            self.observer.stepped(time.perf_counter() - t0, len(rows))
         for s, take in zip(rows, takes):
             s.kv_len += take
             if not s.decoding:

@@ -15,6 +15,7 @@ from hotpeft.server.errors import describe
 from hotpeft.server.generation import (
     OpenChoices, Prepared, open_choices, prepare_chat, prepare_completion, resolve_adapter, run_choices,
 )
+from hotpeft.server.metrics import RequestTracker
 from hotpeft.server.runtime import Runtime
 from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -62,7 +63,21 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choices: int):
+async def _open(rt: Runtime, endpoint: str, body, prepare) -> tuple[RequestTracker, Prepared, OpenChoices]:
+    """Resolve, prepare and submit; every refusal is counted with its outcome."""
+    tracker = rt.metrics.track(endpoint)
+    try:
+        adapter = await resolve_adapter(rt, body)
+        tracker.resolved(adapter)
+        prepared = prepare(rt, body, adapter)
+        return tracker, prepared, open_choices(rt, prepared)
+    except Exception as e:
+        tracker.failed(e)
+        raise
+
+
+async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choices: int, tracker: RequestTracker,
+                   prompt_tokens: int):
     """Whole texts per choice; a client that goes away cancels the generation."""
     texts = [""] * n_choices
     finish: list[str | None] = [None] * n_choices
@@ -73,6 +88,7 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
         async for i, ev in run_choices(rt, choices):
             texts[i] += ev.text
             completion_tokens += len(ev.token_ids)
+            tracker.tokens(i, len(ev.token_ids))
             if ev.finish_reason:
                 finish[i] = ev.finish_reason
 
@@ -86,8 +102,14 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
             work.cancel()
             choices.cancel(rt)  # also when the task was cancelled before it began
     if work.cancelled():
+        tracker.finish("cancelled", prompt_tokens, completion_tokens)
         return None
-    work.result()  # re-raise an engine failure
+    try:
+        work.result()  # re-raise an engine failure
+    except Exception as e:
+        tracker.failed(e, prompt_tokens, completion_tokens)
+        raise
+    tracker.finish("ok", prompt_tokens, completion_tokens)
     return texts, finish, completion_tokens
 
 
@@ -101,27 +123,32 @@ def _sse(obj) -> str:
 
 
 async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_chunk, include_usage: bool,
-                  usage_chunk) -> AsyncIterator[str]:
+                  usage_chunk, tracker: RequestTracker) -> AsyncIterator[str]:
     completion_tokens = 0
+    outcome = "cancelled"  # unless it ends: the client went away
     try:
         async for i, ev in run_choices(rt, choices):
             completion_tokens += len(ev.token_ids)
+            tracker.tokens(i, len(ev.token_ids))
             if ev.text:
                 yield _sse(make_chunk(i, ev.text, None))
             if ev.finish_reason:
                 yield _sse(make_chunk(i, "", ev.finish_reason))
+        outcome = "ok"
         if include_usage:
             yield _sse(usage_chunk(_usage(prepared.prompt_tokens, completion_tokens)))
         yield "data: [DONE]\n\n"
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, OpenAI-style
+        tracker.failed(e, prepared.prompt_tokens, completion_tokens)
         _, body = describe(e)
         yield _sse(body)
+    finally:
+        tracker.finish(outcome, prepared.prompt_tokens, completion_tokens)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
-    prepared = prepare_chat(rt, body, await resolve_adapter(rt, body))
-    choices = open_choices(rt, prepared)
+    tracker, prepared, choices = await _open(rt, "chat", body, prepare_chat)
     headers = _headers(prepared)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
@@ -137,15 +164,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                     "system_fingerprint": fingerprint, "choices": [], "usage": usage}
 
         async def events():
-            for i in range(body.n):  # the role comes first, once per choice
-                first = chunk(i, "", None)
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield _sse(first)
-            async for s in _stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk):
-                yield s
+            try:
+                for i in range(body.n):  # the role comes first, once per choice
+                    first = chunk(i, "", None)
+                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    yield _sse(first)
+                async for s in _stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk, tracker):
+                    yield s
+            finally:
+                tracker.finish("cancelled", prepared.prompt_tokens)  # a no-op unless it left before the tokens
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-    result = await _collect(request, rt, choices, body.n)
+    result = await _collect(request, rt, choices, body.n, tracker, prepared.prompt_tokens)
     if result is None:
         return None
     texts, finish, completion_tokens = result
@@ -162,8 +192,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
-    prepared = prepare_completion(rt, body, await resolve_adapter(rt, body))
-    choices = open_choices(rt, prepared)
+    tracker, prepared, choices = await _open(rt, "completions", body, prepare_completion)
     headers = _headers(prepared)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_choices = len(prepared.prompts) * body.n
@@ -176,9 +205,9 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [], "usage": usage}
 
-        return StreamingResponse(_stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk),
+        return StreamingResponse(_stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk, tracker),
                                  media_type="text/event-stream", headers=headers)
-    result = await _collect(request, rt, choices, n_choices)
+    result = await _collect(request, rt, choices, n_choices, tracker, prepared.prompt_tokens)
     if result is None:
         return None
     texts, finish, completion_tokens = result

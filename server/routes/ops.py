@@ -1,6 +1,9 @@
-"""Operations: liveness and readiness."""
+"""Operations: liveness, readiness and Prometheus metrics."""
+import asyncio
+
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hotpeft.server.deps import RuntimeDep
 
@@ -20,3 +23,10 @@ async def ready(rt: RuntimeDep):
     if not stats["alive"]:
         return JSONResponse({"status": "not ready", "engine": stats}, status_code=503)
     return {"status": "ready", "engine": stats}
+
+
+@router.get("/metrics")
+async def metrics(rt: RuntimeDep) -> Response:
+    """Prometheus text format; names prefixed hotpeft_ (see server/metrics.py)."""
+    body = await asyncio.to_thread(generate_latest, rt.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,151 @@
+"""Prometheus metrics of one server, on its own CollectorRegistry (`GET /metrics`).
+
+Every name starts with `hotpeft_`. The `adapter` label is a registry name, the base model's id,
+`mix` (a per-request mix), `unknown` (a request whose model did not resolve) or `other` (past
+`--metrics-max-adapters` distinct names): never a string a client typed, and bounded.
+Request metrics are observed by the routes (`RequestTracker`), queue wait and step figures by
+the engine (`EngineObserver`), and gauges are read from the engine, the CPU tier and the job
+records when Prometheus scrapes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+
+# From a GPU's milliseconds to a CPU's seconds per long request.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OUTCOMES = ("ok", "client_error", "server_error", "cancelled", "rejected")
+UNKNOWN, MIX, OTHER = "unknown", "mix", "other"
+
+
+class Metrics:
+    def __init__(self, *, base_id: str, max_adapters: int, info: dict[str, str],
+                 gauges: Callable[[], list[GaugeMetricFamily]] = lambda: []):
+        self.base_id = base_id
+        self.max_adapters = max_adapters
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+        r = self.registry = CollectorRegistry()
+        a = ["adapter"]
+        self.request_latency = Histogram("hotpeft_request_duration_seconds", "End-to-end request latency",
+                                         a + ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("hotpeft_time_to_first_token_seconds", "Time to first token", a,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("hotpeft_inter_token_latency_seconds", "Time between tokens of one choice", a,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("hotpeft_queue_wait_seconds", "Time from submission to a sequence slot", a,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_len = Histogram("hotpeft_request_prompt_tokens", "Prompt tokens per request", a,
+                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.output_len = Histogram("hotpeft_request_generation_tokens", "Generated tokens per request", a,
+                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.step_time = Histogram("hotpeft_engine_step_duration_seconds", "One forward pass of the batch",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("hotpeft_engine_batch_size", "Sequences in one engine step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter("hotpeft_requests", "Requests by adapter, endpoint and outcome",
+                                a + ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("hotpeft_prompt_tokens", "Prompt tokens processed", a, registry=r)
+        self.generation_tokens = Counter("hotpeft_generation_tokens", "Tokens generated", a, registry=r)
+        Info("hotpeft_build", "Version, base model, quantization and device", registry=r).info(info)
+        r.register(_Gauges(gauges))
+
+    def label(self, adapter) -> str:
+        """The adapter label of an AdapterVersion (None: the base)."""
+        if adapter is None:
+            return self.base_id
+        if adapter.record is None:
+            return MIX
+        name = adapter.record.name
+        with self._lock:
+            if name in self._names:
+                return name
+            if len(self._names) < self.max_adapters:
+                self._names.add(name)
+                return name
+        return OTHER
+
+    def track(self, endpoint: str) -> RequestTracker:
+        return RequestTracker(self, endpoint)
+
+
+class _Gauges:
+    """Read at scrape time, so they are never stale."""
+
+    def __init__(self, make: Callable[[], list[GaugeMetricFamily]]):
+        self.make = make
+
+    def collect(self):
+        yield from self.make()
+
+
+class RequestTracker:
+    """One request's way through a route: resolution, tokens per choice, and its outcome (once)."""
+
+    def __init__(self, metrics: Metrics, endpoint: str):
+        self.m = metrics
+        self.endpoint = endpoint
+        self.adapter = UNKNOWN
+        self.t0 = time.perf_counter()
+        self._first: float | None = None
+        self._last: dict[int, float] = {}
+        self._done = False
+
+    def resolved(self, adapter) -> None:
+        self.adapter = self.m.label(adapter)
+
+    def tokens(self, choice: int, n: int) -> None:
+        if not n:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+            self.m.ttft.labels(self.adapter).observe(now - self.t0)
+        last = self._last.get(choice)
+        if last is not None:
+            gap = (now - last) / n
+            for _ in range(n):
+                self.m.itl.labels(self.adapter).observe(gap)
+        self._last[choice] = now
+
+    def finish(self, outcome: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        m, a = self.m, self.adapter
+        m.requests.labels(a, self.endpoint, outcome).inc()
+        m.request_latency.labels(a, self.endpoint).observe(time.perf_counter() - self.t0)
+        if outcome == "ok":
+            m.prompt_len.labels(a).observe(prompt_tokens)
+            m.output_len.labels(a).observe(completion_tokens)
+        if prompt_tokens:
+            m.prompt_tokens.labels(a).inc(prompt_tokens)
+        if completion_tokens:
+            m.generation_tokens.labels(a).inc(completion_tokens)
+
+    def failed(self, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        from hotpeft.server.errors import describe
+
+        status, _ = describe(exc)
+        outcome = "rejected" if status == 429 else "client_error" if status < 500 else "server_error"
+        self.finish(outcome, prompt_tokens, completion_tokens)
+
+
+class EngineObserver:
+    """What the engine reports from its thread: queue wait at admission, each step's time and rows."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def admitted(self, adapter, waited_s: float) -> None:
+        self.m.queue_wait.labels(self.m.label(adapter)).observe(waited_s)
+
+    def stepped(self, seconds: float, rows: int) -> None:
+        self.m.step_time.observe(seconds)
+        self.m.batch_size.observe(rows)
