@@ -19,6 +19,8 @@ class AdapterCache:
         self.pinned: set[str] = set()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        # Since start, for metrics: lookups served from memory or not, loads kept, entries evicted.
+        self.counts = {"hits": 0, "misses": 0, "loads": 0, "evictions": 0}
 
     def __contains__(self, key: str) -> bool:
         """Held now; unlike `get`, looking does not count as a use."""
@@ -36,13 +38,16 @@ class AdapterCache:
         """The cached entry, or `load()`'s result, cached. Concurrent callers of one key load it once."""
         parsed = self.get(key)
         if parsed is not None:
+            self.counts["hits"] += 1
             return parsed
+        self.counts["misses"] += 1
         with self._lock:
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:
             parsed = self.get(key)
             if parsed is None:
                 parsed = load()
+                self.counts["loads"] += 1
                 self.put(key, parsed)
         with self._lock:
             self._loading.pop(key, None)
@@ -61,6 +66,7 @@ class AdapterCache:
                 break
             if key not in self.pinned:
                 total -= self._entries.pop(key).nbytes
+                self.counts["evictions"] += 1
 
     def pin(self, key: str, parsed: ParsedAdapter) -> None:
         with self._lock:

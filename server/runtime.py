@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec
 from hotpeft.server import basemodel
@@ -97,7 +97,7 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
     except PackageNotFoundError:
         release = "unknown"
 
-    def gauges() -> list[GaugeMetricFamily]:
+    def gauges() -> list:
         stats = engine.stats()
         out = []
         for name, doc, value in (
@@ -119,7 +119,16 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
         states = GaugeMetricFamily("hotpeft_training_jobs", "Fine-tuning jobs by state", labels=["state"])
         for state, n in jobs.store.count_by_status().items():
             states.add_metric([state], n)
-        return out + [count, size, states]
+        events = []
+        for key, doc in (("loads", "Adapters loaded into a tier"), ("evictions", "Adapters evicted from a tier (LRU)"),
+                         ("hits", "Adapter lookups that found it in the tier"),
+                         ("misses", "Adapter lookups that had to load it into the tier")):
+            family = CounterMetricFamily(f"hotpeft_adapter_{'cache_' if key in ('hits', 'misses') else ''}{key}", doc,
+                                         labels=["tier"])
+            family.add_metric(["device"], engine.adapter_counts[key])
+            family.add_metric(["cpu"], catalog.cache.counts[key])
+            events.append(family)
+        return out + [count, size, states] + events
 
     info = {"version": release, "base_model": base.model_id, "quantization": base.quantization,
             "device": str(base.device)}

@@ -82,6 +82,13 @@ def test_cancelled_and_rejected_are_counted_and_labels_are_bounded(tiny_dirs, tm
         after = scrape(server.url)
         assert delta({}, after, "hotpeft_requests_total", adapter="lora-attn", endpoint="completions", outcome="ok") == 1
         assert delta({}, after, "hotpeft_requests_total", adapter="other", endpoint="completions", outcome="ok") == 2
+        # two LoRAs went into the engine (misses, loads); the CPU tier held all three since registration
+        device = (("tier", "device"),)
+        assert after[("hotpeft_adapter_loads_total", device)] == 2
+        assert after[("hotpeft_adapter_cache_misses_total", device)] == 2
+        assert after[("hotpeft_adapter_cache_hits_total", (("tier", "cpu"),))] == 3
+        assert after[("hotpeft_resident_adapters", device)] == 2
+        assert after[("hotpeft_resident_adapter_bytes", device)] > 0
         # one running, one waiting, the third refused (429): rejected
         long = [c.completions.create(model="tiny-llama", prompt="a", max_tokens=200, stream=True,
                                      extra_body={"ignore_eos": True}) for _ in range(2)]

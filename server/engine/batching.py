@@ -95,6 +95,7 @@ class BatchEngine(Engine):
         self._tokens = 0
         self._failed_steps = 0
         self.observer = None  # metrics.EngineObserver: told of admissions and steps, from this thread
+        self.adapter_counts = {"hits": 0, "misses": 0, "loads": 0, "evictions": 0}  # the device tier, since start
 
     # ---- the boundary -------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +179,7 @@ class BatchEngine(Engine):
         return done
 
     def _load(self, av: AdapterVersion) -> None:
+        self.adapter_counts["loads"] += 1
         t0 = time.perf_counter()
         self.bank.load(av.key, av.adapter.lora)
         self._publish()
@@ -287,6 +289,7 @@ class BatchEngine(Engine):
             if victim not in in_use:
                 self.bank.unload(victim)
                 self._publish()
+                self.adapter_counts["evictions"] += 1
                 log.info("evicted adapter %s from the engine (LRU, --max-resident-adapter-bytes)", victim)
         if self.bank.adapters_bytes() + need <= budget:
             return True
@@ -313,6 +316,9 @@ class BatchEngine(Engine):
                     if not self._make_room(lora_key, adapter.adapter.lora):
                         return False
                     self._load(adapter)
+                    self.adapter_counts["misses"] += 1
+                else:
+                    self.adapter_counts["hits"] += 1
                 self.bank.touch(lora_key)
                 adapter_id = self.bank.adapter_id(lora_key)
             elif adapter is not None and adapter.kind == "prompt_tuning":
