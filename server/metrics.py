@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+
+import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +25,8 @@ TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OUTCOMES = ("ok", "client_error", "server_error", "cancelled", "rejected")
 UNKNOWN, MIX, OTHER = "unknown", "mix", "other"
+WINDOW_S = 600  # what the dashboard shows: the last ten minutes, in 10-second buckets
+BUCKET_S = 10
 
 
 class Metrics:
@@ -31,6 +36,9 @@ class Metrics:
         self.max_adapters = max_adapters
         self._names: set[str] = set()
         self._lock = threading.Lock()
+        # For the dashboard: finished requests (time, adapter, ttft s, e2e s, tokens) and steps (time, rows).
+        self.recent: deque[tuple[float, str, float | None, float, int]] = deque(maxlen=200_000)
+        self.recent_steps: deque[tuple[float, int]] = deque(maxlen=200_000)
         r = self.registry = CollectorRegistry()
         a = ["adapter"]
         self.request_latency = Histogram("hotpeft_request_duration_seconds", "End-to-end request latency",
@@ -73,6 +81,34 @@ class Metrics:
 
     def track(self, endpoint: str) -> RequestTracker:
         return RequestTracker(self, endpoint)
+
+    def window(self, now: float | None = None) -> dict:
+        """Per adapter and 10-second bucket over the last ten minutes: TTFT and end-to-end p50/p95 (ms),
+        requests and generated tokens/s; and the mean batch size per bucket."""
+        now = time.time() if now is None else now
+        start = now - WINDOW_S
+        buckets: dict[str, dict[int, list]] = {}
+        for t, adapter, ttft, e2e, tokens in list(self.recent):
+            if t >= start:
+                b = buckets.setdefault(adapter, {}).setdefault(int((t - start) // BUCKET_S), [[], [], 0])
+                if ttft is not None:
+                    b[0].append(ttft)
+                b[1].append(e2e)
+                b[2] += tokens
+        pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
+        series = {
+            adapter: [{"t": round(start + i * BUCKET_S, 1), "ttft_p50_ms": pct(b[0], 50), "ttft_p95_ms": pct(b[0], 95),
+                       "e2e_p50_ms": pct(b[1], 50), "e2e_p95_ms": pct(b[1], 95), "requests": len(b[1]),
+                       "tokens_per_s": round(b[2] / BUCKET_S, 2)} for i, b in sorted(by.items())]
+            for adapter, by in sorted(buckets.items())
+        }
+        steps: dict[int, list[int]] = {}
+        for t, rows in list(self.recent_steps):
+            if t >= start:
+                steps.setdefault(int((t - start) // BUCKET_S), []).append(rows)
+        batch = [{"t": round(start + i * BUCKET_S, 1), "mean": round(sum(r) / len(r), 2), "steps": len(r)}
+                 for i, r in sorted(steps.items())]
+        return {"now": now, "window_s": WINDOW_S, "bucket_s": BUCKET_S, "series": series, "batch": batch}
 
 
 class _Gauges:
@@ -119,8 +155,12 @@ class RequestTracker:
             return
         self._done = True
         m, a = self.m, self.adapter
+        e2e = time.perf_counter() - self.t0
         m.requests.labels(a, self.endpoint, outcome).inc()
-        m.request_latency.labels(a, self.endpoint).observe(time.perf_counter() - self.t0)
+        m.request_latency.labels(a, self.endpoint).observe(e2e)
+        if outcome == "ok":
+            m.recent.append((time.time(), a, None if self._first is None else self._first - self.t0, e2e,
+                             completion_tokens))
         if outcome == "ok":
             m.prompt_len.labels(a).observe(prompt_tokens)
             m.output_len.labels(a).observe(completion_tokens)
@@ -149,3 +189,4 @@ class EngineObserver:
     def stepped(self, seconds: float, rows: int) -> None:
         self.m.step_time.observe(seconds)
         self.m.batch_size.observe(rows)
+        self.m.recent_steps.append((time.time(), rows))

@@ -1,8 +1,9 @@
-"""Operations: liveness, readiness and Prometheus metrics."""
+"""Operations: liveness, readiness, Prometheus metrics and the built-in dashboard."""
 import asyncio
+from importlib import resources
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hotpeft.server.deps import RuntimeDep
@@ -30,3 +31,34 @@ async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format; names prefixed hotpeft_ (see server/metrics.py)."""
     body = await asyncio.to_thread(generate_latest, rt.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/dashboard", response_class=HTMLResponse)
+async def dashboard() -> HTMLResponse:
+    """One page, nothing fetched from elsewhere; it polls /dashboard/data every 2 s."""
+    return HTMLResponse(resources.files("hotpeft.server").joinpath("static/dashboard.html").read_text())
+
+
+@router.get("/dashboard/data")
+async def dashboard_data(rt: RuntimeDep) -> dict:
+    """The last ten minutes per adapter (10-second buckets), the engine now, the tiers, the jobs."""
+
+    def build() -> dict:
+        data = rt.metrics.window()
+        stats = rt.engine.stats()
+        data["base"] = rt.base.model_id
+        data["engine"] = {"running": stats["running"], "waiting": stats["waiting"], "kv_used_tokens": stats["kv_tokens"],
+                          "kv_capacity_tokens": stats["slots"] * stats["slot_len"], "steps": stats["steps"],
+                          "failed_steps": stats["failed_steps"]}
+        cache = rt.catalog.cache
+        data["tiers"] = {
+            "device": {"adapters": stats["resident_loras"], "bytes": stats["resident_lora_bytes"],
+                       "limit": rt.settings.max_resident_adapter_bytes, **rt.engine.adapter_counts},
+            "cpu": {"adapters": len(cache.keys()), "bytes": cache.nbytes(), "limit": cache.max_bytes, **cache.counts},
+        }
+        jobs, _ = rt.jobs.store.list_jobs(limit=10)
+        data["jobs"] = [{"id": j.id, "adapter": j.adapter_name, "method": j.config.get("method"), "status": j.status,
+                         "stage": j.stage, "progress": j.progress, "created_at": j.created_at} for j in jobs]
+        return data
+
+    return await asyncio.to_thread(build)

@@ -1,0 +1,69 @@
+"""The built-in dashboard in headless Chromium (Debian's `chromium` driven by Playwright; no browser
+download): it loads without console errors or outside requests and charts the adapters that got traffic."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _chromium() -> str:
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (scripts/install.sh --test installs it where apt-get can)")
+    return path
+
+
+def test_dashboard_data_has_every_adapter_with_traffic(tiny_server, client):
+    for model in ("tiny-llama", "lora-attn", "soft"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+    data = httpx.get(tiny_server.url + "/dashboard/data").json()
+    assert {"tiny-llama", "lora-attn", "soft"} <= set(data["series"])
+    bucket = data["series"]["lora-attn"][-1]
+    assert bucket["requests"] >= 1 and bucket["ttft_p95_ms"] >= bucket["ttft_p50_ms"] > 0
+    assert data["engine"]["running"] == 0 and data["tiers"]["device"]["adapters"] >= 1
+    assert data["window_s"] == 600 and data["bucket_s"] == 10
+
+
+def test_dashboard_in_headless_chromium(tiny_server, client):
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    for model in ("tiny-llama", "lora-attn", "soft"):
+        for _ in range(2):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    errors: list[str] = []
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith(tiny_server.url) else outside.append(r.url))
+            page.goto(tiny_server.url + "/dashboard")
+            page.wait_for_selector("#ttft path[data-adapter='soft']", state="attached", timeout=15000)
+            drawn = set(page.eval_on_selector_all("#ttft path", "ps => ps.map(p => p.dataset.adapter)"))
+            assert {"tiny-llama", "lora-attn", "soft"} <= drawn
+            assert set(page.eval_on_selector_all("#tps path", "ps => ps.map(p => p.dataset.adapter)")) >= drawn
+            assert page.inner_text("#running") == "0"
+            assert "device" in page.inner_text("#tiers") and " ms" in page.text_content("#ttft")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            # the adapter filter keeps one adapter's lines
+            page.select_option("#filter", "lora-attn")
+            page.wait_for_function("() => [...document.querySelectorAll('#ttft path')]"
+                                   ".every(p => p.dataset.adapter === 'lora-attn')", timeout=10000)
+            # it keeps refreshing on its own (every 2 s)
+            first = page.inner_text("#status")
+            page.wait_for_function(f"() => document.querySelector('#status').textContent !== {first!r}",
+                                   timeout=10000)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert errors == [] and outside == []
