@@ -74,6 +74,7 @@ class AdapterCatalog:
         self._snap: Snapshot = registry.snapshot()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.load_failures = 0  # versions whose weights could not be loaded from the store, since start
 
     # ---- registration -------------------------------------------------------------------------
     def validate_dir(self, path: Path, *, label: str | None = None) -> ParsedAdapter:
@@ -254,7 +255,11 @@ class AdapterCatalog:
             return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
                                     label=record.key)
 
-        return AdapterVersion(record.key, self.cache.get_or_load(record.key, read), record)
+        try:
+            return AdapterVersion(record.key, self.cache.get_or_load(record.key, read), record)
+        except Exception:
+            self.load_failures += 1  # for metrics: a stored version that could not be read back
+            raise
 
     def sync_folder(self, name: str, folder: Path, *, source: str) -> VersionRecord | None:
         """Register `folder` as `name` unless the active version already has this exact content."""

