@@ -16,6 +16,7 @@ runs the naive baseline in this process, and prints a table and writes JSON:
 (f) cold adapter: TTFT of the first request to an adapter not yet resident, minus a resident one's
 (g) pick-up: this process registers a new version in the server's registry (as `hotpeft train` or
     another server does); time until the server answers a request naming that version
+(h) GET /metrics: render time with 200 more adapters registered, each with traffic
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ PROMPTS = [
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTN + ["gate_proj", "up_proj", "down_proj"]
 TARGETS = {"(c)/(b)": 0.90, "(c)/(a)": 8.0, "(e) of roofline": 0.60, "(d)/(b)": 0.95, "(f) ms": 30.0,
-           "(g) max ms": 2000.0}
+           "(g) max ms": 2000.0, "(h) p50 ms": 100.0}
 
 
 # ---- adapters ----------------------------------------------------------------------------------
@@ -197,9 +198,8 @@ def cold_adapter(url: str, cold: list[str], warm: str) -> dict:
             "cold_minus_warm_ms": round(float(np.median(cold_ms)) - warm_ms, 1)}
 
 
-def pickup(url: str, work: Path, source, config, n: int) -> dict:
-    """(g): register `n` versions from this process into the server's registry and store (the way a
-    training job does), and time from each registration's commit to the server's first answer with it."""
+def _catalog(work: Path, source, config):
+    """The bench server's catalogue, opened from this process (as a training job opens it)."""
     from transformers import AutoModelForCausalLM
 
     from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec
@@ -208,8 +208,38 @@ def pickup(url: str, work: Path, source, config, n: int) -> dict:
     with torch.device("meta"):  # module names and shapes only, no weights
         skeleton = AutoModelForCausalLM.from_config(config)
     spec = BaseSpec(source.model_id, int(config.hidden_size), basemodel.linear_shapes(skeleton))
-    catalog = AdapterCatalog(AdapterRegistry(f"sqlite:///{work / 'registry.db'}"), AdapterStore(work / "store"), spec,
-                             basemodel.fingerprint(source.path, source.model_id), max_lora_rank=1024)
+    return AdapterCatalog(AdapterRegistry(f"sqlite:///{work / 'registry.db'}"), AdapterStore(work / "store"), spec,
+                          basemodel.fingerprint(source.path, source.model_id), max_lora_rank=1024)
+
+
+def metrics_render(url: str, work: Path, source, config, n_adapters: int) -> dict:
+    """(h): `n_adapters` more adapters registered, each with traffic (so each has its metric series, up
+    to --metrics-max-adapters), then the time to render GET /metrics."""
+    catalog = _catalog(work, source, config)
+    folder = work / "many"
+    write_lora(folder, config, source.model_id, rank=4, targets=["q_proj"], seed=7)
+    try:
+        names = [catalog.register_dir(f"many-{i:03d}", folder, source="bench").name for i in range(n_adapters)]
+    finally:
+        catalog.close()
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for name in names:
+            while c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 1}).status_code == 404:
+                time.sleep(0.05)  # until the server's registry poll has seen it
+        times, size = [], 0
+        for _ in range(20):
+            t0 = time.perf_counter()
+            r = c.get("/metrics")
+            times.append((time.perf_counter() - t0) * 1000)
+            size = len(r.content)
+    return {"adapters": n_adapters, "bytes": size, "series": r.text.count("\n"),
+            "p50_ms": round(float(np.median(times)), 1), "max_ms": round(max(times), 1)}
+
+
+def pickup(url: str, work: Path, source, config, n: int) -> dict:
+    """(g): register `n` versions from this process into the server's registry and store (the way a
+    training job does), and time from each registration's commit to the server's first answer with it."""
+    catalog = _catalog(work, source, config)
     folder = work / "pickup"
     write_lora(folder, config, source.model_id, rank=8, targets=ATTN, seed=99)
     delays = []
@@ -367,6 +397,8 @@ def run(args: argparse.Namespace) -> dict:
         sc["f"] = cold_adapter(server.url, sets["cold"], sets["single"][0])
         print("(g) pick-up of versions registered by another process ...", flush=True)
         sc["g"] = pickup(server.url, work, source, config, args.pickups)
+        print(f"(h) /metrics with {args.metrics_adapters} more adapters ...", flush=True)
+        sc["h"] = metrics_render(server.url, work, source, config, args.metrics_adapters)
         print("(e) batch-1 decode ...", flush=True)
         sc["e"] = single_stream_decode(server.url, args.duration / 2, args.max_tokens)
         bw = read_bandwidth(device)
@@ -396,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         "(d)/(b)": ratio(sc["d"]["tok_s"], sc["b"]["tok_s"]),
         "(f) ms": sc["f"]["cold_minus_warm_ms"],
         "(g) max ms": sc["g"]["max_ms"],
+        "(h) p50 ms": sc["h"]["p50_ms"],
     }
     result["targets"] = TARGETS
     shutil.rmtree(work, ignore_errors=True)  # kept only when a run fails, for its server log
@@ -419,6 +452,9 @@ def table(result: dict) -> str:
     rows.append(f"(f) cold adapter TTFT {cold['cold_ttft_ms']} ms vs resident {cold['warm_ttft_ms']} ms")
     rows.append(f"(g) served {sc['g']['served_after_ms']} ms after another process registered it "
                 f"(median {sc['g']['p50_ms']} ms)")
+    h = sc["h"]
+    rows.append(f"(h) GET /metrics with {h['adapters']} more adapters: {h['bytes']} bytes, p50 {h['p50_ms']} ms, "
+                f"max {h['max_ms']} ms")
     rows.append("")
     rows.append("| ratio | measured | target |")
     rows.append("|---|---:|---:|")
@@ -444,6 +480,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
     p.add_argument("--cold", type=int, default=3, help="cold adapters measured in (f)")
     p.add_argument("--pickups", type=int, default=10, help="versions registered from outside in (g)")
+    p.add_argument("--metrics-adapters", type=int, default=200, help="adapters registered for (h)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     p.add_argument("--smoke", action="store_true", help="a few seconds in all: checks that every scenario runs")
 
@@ -454,7 +491,7 @@ def main(args: argparse.Namespace) -> int:
     args.model = args.model or DEFAULT_MODEL_ID
     if args.smoke:
         args.clients, args.duration, args.max_tokens, args.cold, args.rounds = min(args.clients, 4), 2.0, 8, 1, 1
-        args.pickups = 2
+        args.pickups, args.metrics_adapters = 2, 3
     if args.clients < 1 or args.duration <= 0 or args.max_tokens < 2 or args.rounds < 1 or args.pickups < 1:
         print("hotpeft bench: --clients >= 1, --duration > 0, --max-tokens >= 2, --rounds >= 1 and --pickups >= 1 "
               "are required",

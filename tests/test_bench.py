@@ -22,7 +22,9 @@ def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
     assert sc["e"]["roofline_tok_s"] > 0 and sc["e"]["read_bandwidth_gb_s"] > 0
     assert len(sc["f"]["cold_ttft_ms"]) == 1
     assert len(sc["g"]["served_after_ms"]) == 2 and sc["g"]["max_ms"] > 0
-    assert set(result["results"]) == {"(c)/(b)", "(c)/(a)", "(e) of roofline", "(d)/(b)", "(f) ms", "(g) max ms"}
+    assert sc["h"]["adapters"] == 3 and sc["h"]["bytes"] > 0 and sc["h"]["p50_ms"] > 0
+    assert set(result["results"]) == {"(c)/(b)", "(c)/(a)", "(e) of roofline", "(d)/(b)", "(f) ms", "(g) max ms",
+                                      "(h) p50 ms"}
     assert "| (c) engine, 8 LoRA + 2 soft |" in proc.stdout  # the printed table
 
 
