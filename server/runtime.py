@@ -105,6 +105,8 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
             ("hotpeft_requests_waiting", "Requests waiting for a sequence slot", stats["waiting"]),
             ("hotpeft_kv_cache_used_tokens", "KV cache positions in use", stats["kv_tokens"]),
             ("hotpeft_kv_cache_capacity_tokens", "KV cache positions in all slots", stats["slots"] * stats["slot_len"]),
+            ("hotpeft_kv_cache_used_bytes", "KV cache bytes holding positions in use",
+             stats["kv_tokens"] * stats["kv_bytes"] // max(1, stats["slots"] * stats["slot_len"])),
             ("hotpeft_kv_cache_budget_bytes", "Bytes of the KV cache", stats["kv_bytes"]),
         ):
             g = GaugeMetricFamily(name, doc)

@@ -54,6 +54,7 @@ def test_counts_and_tokens_match_the_requests_made(tiny_server, client):
         assert delta(before, after, "hotpeft_request_generation_tokens_sum", adapter=model) == usage[model][1]
     assert delta(before, after, "hotpeft_engine_step_duration_seconds_count") > 0
     assert after[("hotpeft_requests_running", ())] == 0 and after[("hotpeft_requests_waiting", ())] == 0
+    assert after[("hotpeft_kv_cache_used_bytes", ())] == 0 < after[("hotpeft_kv_cache_budget_bytes", ())]
     info = [k for k in after if k[0] == "hotpeft_build_info"]
     assert len(info) == 1 and ("base_model", base) in info[0][1] and ("quantization", "none") in info[0][1]
 
