@@ -11,7 +11,7 @@ from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid
 from hotpeft.trainer.evaluate import evaluate, format_table
 from hotpeft.trainer.pipeline import TrainerEnv, open_catalog, resolve_base
-from hotpeft.trainer.train import pad_id
+from hotpeft.trainer.train import compute_dtype, pad_id
 
 
 def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, template: str | None, limit: int,
@@ -25,8 +25,7 @@ def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, templ
     if env.threads:
         torch.set_num_threads(env.threads)
     device = env.torch_device()
-    base = basemodel.load_base(resolve_base(env), quantize, device=device,
-                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base = basemodel.load_base(resolve_base(env), quantize, device=device, dtype=compute_dtype(device))
     examples = [e for e in (data_mod.encode(r, base.tokenizer, max_length, apply) for r in records) if e is not None]
     if not examples:
         raise DatasetInvalid(f"no example of {path} has a completion within --max-length {max_length}")

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select, update
@@ -129,7 +129,7 @@ class EventRecord:
     level: str
     type: str
     message: str
-    data: dict | None = field(default=None)
+    data: dict | None = None
 
 
 def _record(cls, row):
@@ -344,6 +344,7 @@ class JobManager:
                 proc.kill()
                 proc.wait()
             self._finish(job_id, proc.returncode, interrupted=reason)
+        self.store.close()
 
     def recover(self) -> None:
         """Jobs left `running` by a previous server process: their workers died with it."""

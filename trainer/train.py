@@ -39,10 +39,15 @@ class TrainStats:
         return self.train_tokens / max(self.train_seconds, 1e-9)
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Training and evaluation precision: bf16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_training_base(source: basemodel.ModelSource, method: str, device: torch.device) -> basemodel.LoadedBase:
-    """The base the adapter is trained on: nf4 for QLoRA, full precision otherwise (bf16 on CUDA)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return basemodel.load_base(source, "nf4" if method == "qlora" else "none", device=device, dtype=dtype)
+    """The base the adapter is trained on: nf4 for QLoRA, full precision otherwise."""
+    return basemodel.load_base(source, "nf4" if method == "qlora" else "none", device=device,
+                               dtype=compute_dtype(device))
 
 
 def build_peft_model(base: basemodel.LoadedBase, cfg: TrainConfig):
