@@ -1,4 +1,7 @@
-# hotpeft server image (CPU). Build: docker build -t hotpeft .   Run: docker run -p 8000:8000 hotpeft
+# hotpeft server image (CPU). Build: docker build -t hotpeft .
+# Run:   docker run -p 8000:8000 -e HOTPEFT_API_KEY=... -e HOTPEFT_ADMIN_KEY=... hotpeft
+# It binds all interfaces, so it refuses to start without keys (or HOTPEFT_INSECURE_ALLOW_REMOTE=true).
+# `docker stop -t 40`: SIGTERM drains running requests for up to --drain-timeout (30 s).
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HOTPEFT_HOME=/data HOTPEFT_HOST=0.0.0.0
 RUN useradd --create-home --uid 1000 hotpeft && mkdir /data && chown hotpeft /data

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from hotpeft.server.config import Settings
 from hotpeft.server.errors import install_error_handlers
+from hotpeft.server.guard import Guard, Lifecycle
 from hotpeft.server.routes import api_router
 from hotpeft.server.runtime import build_runtime
 
@@ -38,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             catalog.close()
 
     app = FastAPI(title="hotpeft", version="0.1.0", lifespan=lifespan)
+    app.state.lifecycle = Lifecycle()
+    app.add_middleware(Guard, settings=settings, lifecycle=app.state.lifecycle)
     install_error_handlers(app)
     app.include_router(api_router)
     return app

@@ -21,7 +21,7 @@ def _serve_parser(sub) -> None:
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} (env {env}; default {default})".replace("%", "%%")
         if field.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(field.annotation) is list:
             p.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text)
         else:
@@ -43,35 +43,79 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings_from(args)
     except ValidationError as e:
-        for err in e.errors():
-            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-            print(f"hotpeft serve: {flag}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        for err in e.errors():  # the message only: the input may be a key
+            flag = "--" + "-".join(str(p) for p in err["loc"][:1]).replace("_", "-")
+            where = f"{flag}: " if err["loc"] else ""
+            print(f"hotpeft serve: {where}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    server = uvicorn.Server(config)
+    # The drain ends the responses it waited for (or aborts them at --drain-timeout) before uvicorn
+    # begins its own shutdown; the grace here only bounds writing their last bytes.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=10)
+    server = _draining_server(uvicorn, config, app, settings.drain_timeout)
     server.run()
     # uvicorn logs a failed start-up (model or adapter errors) and returns; report it as a failed start.
     return 0 if server.started else 3
+
+
+def _draining_server(uvicorn, config, app, drain_timeout: float):
+    import signal
+    import time
+
+    log = logging.getLogger("hotpeft.server")
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM drains: /ready and every new request answer 503 at once, requests already running get
+        --drain-timeout seconds to finish (then they are ended with a 503 error), and the process exits 0.
+        A second SIGTERM, or SIGINT (Ctrl+C), stops without waiting."""
+
+        def handle_exit(self, sig, frame) -> None:
+            lifecycle = app.state.lifecycle
+            if sig == signal.SIGTERM and not lifecycle.draining:
+                lifecycle.begin_drain()
+                log.info("SIGTERM: draining %d request(s), up to %.0f s (--drain-timeout)", lifecycle.in_flight,
+                         drain_timeout)
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            lifecycle = app.state.lifecycle
+            if lifecycle.draining and not self.should_exit:
+                if lifecycle.in_flight == 0:
+                    log.info("drained in %.1f s", time.monotonic() - lifecycle.drain_started)
+                    self.should_exit = True
+                elif time.monotonic() - lifecycle.drain_started > drain_timeout:
+                    log.warning("--drain-timeout %.0f s reached: ending %d request(s) still running", drain_timeout,
+                                lifecycle.in_flight)
+                    runtime = getattr(app.state, "runtime", None)
+                    if runtime is not None:
+                        runtime.engine.abort_all(f"the server is shutting down: --drain-timeout {drain_timeout:g} s "
+                                                 "elapsed before this request finished")
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotpeft", description="hotpeft: one resident base model, many PEFT adapters.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    from hotpeft.server import adapters_cli, bench
+    from hotpeft.server import adapters_cli, bench, loadtest
     from hotpeft.trainer import cli as trainer_cli
 
     adapters_cli.add_parser(sub)
     bench.add_parser(sub)
+    loadtest.add_parser(sub)
     trainer_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"serve": serve, "bench": bench.main, "adapters": adapters_cli.main, "train": trainer_cli.train_main,
-                "eval": trainer_cli.eval_main, "demo-data": trainer_cli.demo_main}
+    commands = {"serve": serve, "bench": bench.main, "loadtest": loadtest.main, "adapters": adapters_cli.main,
+                "train": trainer_cli.train_main, "eval": trainer_cli.eval_main, "demo-data": trainer_cli.demo_main}
     return commands[args.command](args)
 
 

@@ -1,11 +1,12 @@
 """Server settings: one pydantic BaseSettings; env vars HOTPEFT_<NAME>; CLI flags map onto the same fields."""
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hotpeft.adapters.registry import default_registry_url
 from hotpeft.adapters.store import default_store_dir
@@ -62,8 +63,34 @@ class Settings(BaseSettings):
     max_resident_adapter_bytes: int = Field(
         1 << 30, ge=1, description="LoRA weights the engine keeps ready; least recently used ones are evicted past it"
     )
-    max_n: int = Field(8, ge=1, le=128, description="largest `n` (choices per request) accepted")
+    max_n: int = Field(8, ge=1, le=128, description="most choices per request: `n`, times the number of prompts of a "
+                                                  "batched /v1/completions request")
     max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
+    max_stop_length: int = Field(256, ge=1, le=65536, description="longest stop sequence accepted, in characters")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt accepted, in tokens (default: the context length minus one)")
+    max_total_tokens: int | None = Field(
+        None, ge=2, description="most prompt + completion tokens per choice (default: the context length)")
+    max_body_bytes: int = Field(
+        2 << 20, ge=1024, description="largest JSON request body, in bytes (uploads have --max-adapter-bytes and "
+                                      "--max-file-bytes)")
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="bearer key for the inference routes (/v1/models, /v1/chat/completions, "
+                                          "/v1/completions); repeat the flag, or comma-separate the env var, for "
+                                          "several. With any key set, every route but the public ones needs one")
+    admin_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="bearer key for every route, admin ones included (adapters, files, "
+                                          "fine-tuning jobs, merge, load/unload); repeatable like --api-key")
+    public_metrics: bool = Field(True, description="/metrics answers without a key (Prometheus scrapes it); "
+                                                   "--no-public-metrics to require one")
+    public_dashboard: bool = Field(False, description="/dashboard/data answers without a key (the /dashboard page "
+                                                      "itself is static and always public; it asks for a key)")
+    insecure_allow_remote: bool = Field(
+        False, description="allow binding a non-loopback --host with no --api-key/--admin-key set")
+    drain_timeout: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, seconds running requests get to "
+                                                                   "finish before the server exits")
+    stall_timeout: float = Field(60.0, gt=0, le=3600, description="/ready turns 503 when the engine has work but has "
+                                                                  "not finished a step for this many seconds")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
     allow_foreign_base: bool = Field(False, description="serve adapters whose config names another base model")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -72,6 +99,30 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else Path(v).expanduser()
+
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _keys(cls, v):
+        # The environment gives one string: comma-separated keys.
+        if isinstance(v, str):
+            v = [v]
+        keys = [k.strip() for item in v for k in (item.split(",") if isinstance(item, str) else [item]) if k]
+        for k in keys:
+            if isinstance(k, str) and len(k) < 8:
+                raise ValueError("keys must be at least 8 characters long")
+        return keys
+
+    @model_validator(mode="after")
+    def _remote_needs_keys(self):
+        if not (self.api_key or self.admin_key or self.insecure_allow_remote or _is_loopback(self.host)):
+            raise ValueError(
+                f"--host {self.host} would open every route, admin ones included, to the network without a key: set "
+                "--api-key and --admin-key (or HOTPEFT_API_KEY / HOTPEFT_ADMIN_KEY), or pass --insecure-allow-remote")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key or self.admin_key)
 
     @field_validator("import_root")
     @classmethod
@@ -96,3 +147,12 @@ class Settings(BaseSettings):
         if v is not None and not v.is_dir():
             raise ValueError(f"--adapters-dir {v} is not a directory")
         return v
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -174,3 +174,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout:.0f}s")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def figure():
+    """`figure(test, **values)`: a measured figure for RELIABILITY.md, kept in test-artifacts/reliability.json."""
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "test-artifacts" / "reliability.json"
+    path.parent.mkdir(exist_ok=True)
+    figures: dict = {}
+
+    def record(test: str, **values) -> None:
+        figures[test] = values
+        path.write_text(json.dumps(figures, indent=1))
+
+    return record
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
