@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotpeft.adapters.cache import AdapterCache
-from hotpeft.adapters.errors import AdapterError, AdapterIncompatible, AdapterNotFound
+from hotpeft.adapters.errors import (
+    AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterUnavailable,
+)
 from hotpeft.adapters.format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, ParsedAdapter, load_adapter_dir, parse_adapter
 from hotpeft.adapters.merge import Source, check_recipe, merge
 from hotpeft.adapters.names import BASE_ALIAS, parse_model_ref, validate_name
+from hotpeft.adapters.paths import UnsafePath
 from hotpeft.adapters.registry import AdapterRegistry, NewVersion, Snapshot, VersionRecord
 from hotpeft.adapters.store import TEMPLATE_FILE, AdapterStore
 
@@ -250,10 +253,17 @@ class AdapterCatalog:
         """The version's weights, from the CPU tier or else from the store (checked against its sha256)."""
 
         def read() -> ParsedAdapter:
-            folder = self.store.verified_folder(record.store_key, record.sha256)
-            # Checked completely at registration; read again with the same checks (this server's limits).
-            return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
-                                    label=record.key)
+            try:
+                folder = self.store.verified_folder(record.store_key, record.sha256)
+                # Checked completely at registration; read again with the same checks (this server's limits).
+                return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
+                                        label=record.key)
+            except (AdapterUnavailable, AdapterInvalid, UnsafePath, OSError) as e:
+                # Registered whole, so whatever is wrong now is wrong with the storage, not the request.
+                raise AdapterUnavailable(
+                    f"adapter {record.key} cannot be served: {getattr(e, 'message', None) or e}. Register it again, or "
+                    f"delete version {record.version} (DELETE /v1/adapters/{record.key}); other adapters are not "
+                    "affected", param="model") from e
 
         try:
             return AdapterVersion(record.key, self.cache.get_or_load(record.key, read), record)

@@ -32,3 +32,8 @@ class AdapterTooLarge(AdapterError):
 
 class AdapterConflict(AdapterError):
     """The operation cannot be done in the adapter's current state (HTTP 409), e.g. no room to pin it."""
+
+
+class AdapterUnavailable(AdapterError):
+    """A registered version whose stored files are missing or corrupt: a fault of this server's storage,
+    not of the request (HTTP 500 for this adapter only; everything else keeps serving)."""

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,13 +25,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotpeft.adapters.errors import AdapterInvalid
+from hotpeft.adapters.errors import AdapterInvalid, AdapterUnavailable
 from hotpeft.adapters.faults import failpoint
 from hotpeft.adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from hotpeft.adapters.paths import UnsafePath, inside
 
 TEMPLATE_FILE = "chat_template.jinja"
 MANIFEST_FILE = "manifest.json"
 STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TEMPLATE_FILE)
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class AdapterStore:
             shutil.rmtree(path, ignore_errors=True)
 
     def path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key or ""):  # keys come from registry rows, which another process may write
+            raise UnsafePath(f"not a store key: {key[:80]!r}")
+        inside(self.objects, key[:2], key)
         return self.objects / key[:2] / key
 
     def exists(self, key: str) -> bool:
@@ -153,12 +159,11 @@ class AdapterStore:
         folder = self.path(key)
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
-            raise AdapterInvalid(f"adapter object {key[:12]} is missing from the store at {self.root}")
+            raise AdapterUnavailable(f"its stored weights (object {key[:12]}) are missing from the adapter store")
         actual = file_sha256(weights)
         if actual != weights_sha256:
-            raise AdapterInvalid(
-                f"adapter object {key[:12]} is corrupt: weights hash {actual[:12]}, registered {weights_sha256[:12]}"
-            )
+            raise AdapterUnavailable(f"its stored weights (object {key[:12]}) are corrupt: they hash to {actual[:12]}, "
+                                     f"registered {weights_sha256[:12]}")
         return folder
 
     def keys(self) -> list[str]:

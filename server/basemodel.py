@@ -208,7 +208,8 @@ def load_base(
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": False}
+    # Never code from the model folder, never pickle weights (a .bin-only model is refused: convert it).
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
     qconfig = _quantization_config(quantization, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hotpeft.adapters.errors import (
-    AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName,
+    AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge,
+    AdapterUnavailable, InvalidName,
 )
-from hotpeft.server.engine.base import EngineFailure, Overloaded
+from hotpeft.server.engine.base import EngineFailure, OutOfMemory, Overloaded, ShuttingDown
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, JobConflict, JobNotFound, TrainerError
 
 log = logging.getLogger("hotpeft.http")
@@ -37,6 +38,7 @@ class PayloadTooLarge(InvalidRequest):
 
 _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (AdapterNotFound, 404, "invalid_request_error", "model_not_found"),
+    (AdapterUnavailable, 500, "server_error", "adapter_unavailable"),
     (InvalidName, 400, "invalid_request_error", "invalid_name"),
     (AdapterIncompatible, 409, "invalid_request_error", "adapter_incompatible"),
     (AdapterConflict, 409, "invalid_request_error", "adapter_conflict"),
@@ -51,6 +53,8 @@ _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (ConfigInvalid, 400, "invalid_request_error", "invalid_hyperparameters"),
     (TrainerError, 400, "invalid_request_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
+    (ShuttingDown, 503, "server_error", "shutting_down"),
+    (OutOfMemory, 503, "server_error", "out_of_memory"),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (EngineFailure, 500, "server_error", "engine_failure"),
 ]

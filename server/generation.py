@@ -42,25 +42,44 @@ class Prepared:
         return sum(len(p) for p in self.prompts) * self.n
 
 
-def _check_common(rt: Runtime, req) -> None:
+def _check_common(rt: Runtime, req, n_prompts: int = 1) -> None:
     s = rt.settings
     if req.n > s.max_n:
         raise InvalidRequest(f"n={req.n} is above this server's limit of {s.max_n} (--max-n)", param="n")
+    if req.n * n_prompts > s.max_n:
+        raise InvalidRequest(f"{n_prompts} prompts x n={req.n} = {req.n * n_prompts} choices; this server's limit is "
+                             f"{s.max_n} per request (--max-n)", param="prompt")
     if len(req.stop) > s.max_stop:
         raise InvalidRequest(f"{len(req.stop)} stop sequences given; the limit is {s.max_stop} (--max-stop)", param="stop")
+    for stop in req.stop:
+        if len(stop) > s.max_stop_length:
+            raise InvalidRequest(f"a stop sequence of {len(stop)} characters; the limit is {s.max_stop_length} "
+                                 "(--max-stop-length)", param="stop")
 
 
 def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
-    limit = rt.base.max_model_len
+    s = rt.settings
+    context = rt.base.max_model_len
+    limit = min(context, s.max_total_tokens or context)
     used = prompt_len + virtual
     max_tokens = req.token_limit
     param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    if s.max_prompt_tokens is not None and used > s.max_prompt_tokens:
+        raise InvalidRequest(
+            f"your prompt is {used} tokens; this server accepts at most {s.max_prompt_tokens} (--max-prompt-tokens)",
+            param=prompt_param, code="prompt_too_long")
+    if limit < context and used + (max_tokens or 1) > limit:
+        raise InvalidRequest(
+            f"this request needs {used + (max_tokens or 1)} tokens ({used} in the prompt, {max_tokens or 1} or more in "
+            f"the completion); this server allows at most {limit} per choice (--max-total-tokens)",
+            param=param if max_tokens else prompt_param, code="too_many_tokens")
     if used >= limit:
         raise InvalidRequest(
             f"This model's maximum context length is {limit} tokens. However, your prompt is {used} tokens"
             + (f" ({prompt_len} in the prompt, {virtual} virtual tokens of the adapter)" if virtual else "")
             + ", which leaves no room for a completion.",
-            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt", code="context_length_exceeded",
+            param=prompt_param, code="context_length_exceeded",
         )
     if max_tokens is None:
         max_tokens = limit - used
@@ -115,7 +134,7 @@ def prepare_chat(rt: Runtime, req: ChatCompletionRequest, adapter: AdapterVersio
 
 
 def prepare_completion(rt: Runtime, req: CompletionRequest, adapter: AdapterVersion | None) -> Prepared:
-    _check_common(rt, req)
+    _check_common(rt, req, len(req.prompts))
     tok = rt.tokenizer
     prompts, params = [], []
     for i, text in enumerate(req.prompts):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hotpeft.adapters import (
-    AdapterCatalog, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterRegistry, AdapterStore, BaseSpec,
+    AdapterCatalog, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterRegistry, AdapterStore,
+    AdapterUnavailable, BaseSpec,
 )
 from hotpeft.server.engine.lora import LoraBank
 
@@ -90,7 +91,7 @@ def test_store_is_content_addressed_and_checked_on_load(make_catalog, tiny_dirs,
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(AdapterInvalid, match="is corrupt"):
+    with pytest.raises(AdapterUnavailable, match=r"adapter a@1 cannot be served: .* are corrupt"):
         cat.load(a)
 
 

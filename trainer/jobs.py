@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from hotpeft.adapters.paths import inside
 from hotpeft.trainer.errors import JobConflict, JobNotFound
 
 log = logging.getLogger("hotpeft.jobs")
@@ -155,6 +156,7 @@ class JobStore:
         self.files_dir = self.home / "files"
         self.logs_dir = self.home / "jobs"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.files_dir.chmod(0o700)  # training data: readable by this user only, served to no one (only to jobs)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(f"sqlite:///{self.home / 'jobs.db'}", connect_args={"timeout": 30})
         event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -165,6 +167,7 @@ class JobStore:
 
     # ---- files --------------------------------------------------------------------------------
     def file_path(self, file_id: str) -> Path:
+        inside(self.files_dir, f"{file_id}.jsonl")  # ids are ours; a crafted one still cannot leave the folder
         return self.files_dir / f"{file_id}.jsonl"
 
     def add_file(self, record: FileRecord) -> FileRecord:
@@ -422,8 +425,9 @@ class JobManager:
                                          started_at=int(time.time())):
                 continue  # cancelled in the meantime
             log_file = open(self.store.logs_dir / f"{job.id}.log", "ab")  # noqa: SIM115 - owned by the child
-            env = dict(os.environ, **{WorkerSettings.ENV: json.dumps(self.worker.__dict__),
-                                      "OMP_NUM_THREADS": str(self.worker.threads)})
+            # The server's keys stay with the server: a worker has no use for them.
+            env = {k: v for k, v in os.environ.items() if k not in ("HOTPEFT_API_KEY", "HOTPEFT_ADMIN_KEY")}
+            env |= {WorkerSettings.ENV: json.dumps(self.worker.__dict__), "OMP_NUM_THREADS": str(self.worker.threads)}
             try:
                 proc = subprocess.Popen([sys.executable, "-m", "hotpeft.trainer.worker", job.id], env=env,
                                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)

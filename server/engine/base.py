@@ -60,6 +60,14 @@ class Overloaded(RuntimeError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(EngineFailure):
+    """The server stopped (or its drain timed out) before this request finished (503)."""
+
+
+class OutOfMemory(Overloaded):
+    """A step ran out of memory: its requests fail with 503 and Retry-After; the engine goes on."""
+
+
 class Engine(abc.ABC):
     """One owner of the model; requests in, token streams out."""
 

@@ -30,7 +30,7 @@ import torch
 from hotpeft.adapters.catalog import AdapterVersion
 from hotpeft.adapters.errors import AdapterConflict
 from hotpeft.server.engine.base import (
-    Engine, EngineFailure, EventSink, GenerationRequest, Overloaded, TokenEvent,
+    Engine, EngineFailure, EventSink, GenerationRequest, OutOfMemory, Overloaded, ShuttingDown, TokenEvent,
 )
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import LlamaStep, SlotKVCache, StepInput
@@ -88,6 +88,8 @@ class BatchEngine(Engine):
         self._cancelled: set[int] = set()
         self._calls: list[tuple[Callable, Future]] = []  # run by the worker between steps
         self._stopping = False
+        self._abort: str | None = None  # set by abort_all: fail everything now, keep running
+        self._beat = time.monotonic()  # the loop's last sign of progress (wake-up or finished step)
         self.resident: frozenset[str] = frozenset()  # LoRA keys in the bank; republished by the worker
         self._running: list[Sequence] = []  # index == slot
         self._thread: threading.Thread | None = None
@@ -124,6 +126,12 @@ class BatchEngine(Engine):
                     retry_after=1,
                 )
             self._waiting.append((request, sink))
+            self._cond.notify()
+
+    def abort_all(self, why: str) -> None:
+        """Fail every waiting and running request now (each gets an error event); the engine goes on."""
+        with self._cond:
+            self._abort = why
             self._cond.notify()
 
     def cancel(self, request_id: int) -> None:
@@ -194,6 +202,7 @@ class BatchEngine(Engine):
         with self._cond:
             waiting = len(self._waiting)
         running = list(self._running)
+        busy = bool(running or waiting)
         return {
             "running": len(running),
             "waiting": waiting,
@@ -207,6 +216,8 @@ class BatchEngine(Engine):
             "resident_loras": len(self.bank.adapters),
             "resident_lora_bytes": self.bank.adapters_bytes(),
             "alive": self._thread is not None and self._thread.is_alive(),
+            # seconds without progress while there is work: /ready turns 503 past --stall-timeout
+            "stalled_s": round(time.monotonic() - self._beat, 3) if busy else 0.0,
         }
 
     # ---- the worker ---------------------------------------------------------------------------
@@ -218,11 +229,16 @@ class BatchEngine(Engine):
         log.info("engine thread started: %d torch threads", torch.get_num_threads())
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._running or self._cancelled or self._calls):
+                while not (self._stopping or self._waiting or self._running or self._cancelled or self._calls
+                           or self._abort):
                     self._cond.wait()
+                self._beat = time.monotonic()
                 if self._stopping:
                     self._fail_all("the server is shutting down")
                     return
+                if self._abort:
+                    self._fail_all(self._abort)
+                    self._abort = None
                 cancelled, self._cancelled = self._cancelled, set()
                 calls, self._calls = self._calls, []
                 admit = []
@@ -246,14 +262,15 @@ class BatchEngine(Engine):
                         break
                 if self._running:
                     self._step()
+                self._beat = time.monotonic()
             except Exception:  # noqa: BLE001 - the worker must survive anything; the step already failed its rows
                 log.exception("engine loop error")
 
     def _fail_all(self, why: str) -> None:
         """Every waiting and running request gets an error event: no client is left waiting. Holds the lock."""
-        error = EngineFailure(why)
+        error = ShuttingDown(why)
         for _, future in self._calls:
-            future.set_exception(EngineFailure(why))
+            future.set_exception(ShuttingDown(why))
         self._calls.clear()
         sinks = [sink for _, sink in self._waiting] + [s.sink for s in self._running]
         self._waiting.clear()
@@ -413,7 +430,7 @@ class BatchEngine(Engine):
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
             self._failed_steps += 1
             log.exception("engine step failed for %d requests", len(rows))
-            error = EngineFailure(f"generation failed: {type(e).__name__}: {e}")
+            error = self._step_error(e)
             for s in rows:
                 s.done = True
             self._compact()
@@ -443,6 +460,16 @@ class BatchEngine(Engine):
         self._compact()  # first, so a client that sees its last token sees its row freed too
         for sink, event in events:
             sink.put(event)
+
+    @staticmethod
+    def _step_error(e: BaseException) -> Exception:
+        """Out of memory is a capacity problem (503, retry); anything else is a failed generation (500)."""
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return OutOfMemory("the server ran out of memory for this batch; retry shortly (or lower --max-num-seqs "
+                               "/ --max-batch-tokens)", retry_after=2)
+        return EngineFailure(f"generation failed: {type(e).__name__}: {e}")
 
     def _event(self, s: Sequence, token: int) -> TokenEvent:
         p = s.request.params

@@ -46,7 +46,7 @@ def _store(rt: Runtime, filename: str, data: bytes) -> FileRecord:
     file_id = new_id("file")
     target = store.file_path(file_id)
     tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -2,7 +2,7 @@
 import asyncio
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,11 +18,21 @@ async def health() -> dict:
 
 
 @router.get("/ready")
-async def ready(rt: RuntimeDep):
-    """The model is loaded and the engine's worker is alive."""
-    stats = rt.engine.stats()
-    if not stats["alive"]:
-        return JSONResponse({"status": "not ready", "engine": stats}, status_code=503)
+async def ready(request: Request):
+    """The model is loaded, the engine's loop is alive and stepping, and the server is not draining."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        return JSONResponse({"status": "not ready", "reason": "loading"}, status_code=503)
+    stats = runtime.engine.stats()
+    reason = None
+    if request.app.state.lifecycle.draining:
+        reason = "draining"
+    elif not stats["alive"]:
+        reason = "engine stopped"
+    elif stats["stalled_s"] > runtime.settings.stall_timeout:
+        reason = f"engine stalled: no step for {stats['stalled_s']:.0f} s with work waiting (--stall-timeout)"
+    if reason:
+        return JSONResponse({"status": "not ready", "reason": reason, "engine": stats}, status_code=503)
     return {"status": "ready", "engine": stats}
 
 
