@@ -134,8 +134,13 @@ class AdapterStore:
         target = self.path(key)
         stored = StoredObject(key, digests[WEIGHTS_FILE], size)
         if self.exists(key):
-            os.utime(target)  # fresh again for the garbage collector's grace period
-            return stored
+            if self._intact(target, digests):
+                os.utime(target)  # fresh again for the garbage collector's grace period
+                return stored
+            # The same content was stored before and has since been damaged on disk: replace it.
+            damaged = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-damaged-", dir=self.staging_root))
+            os.rename(target, damaged / "object")
+            shutil.rmtree(damaged, ignore_errors=True)
         for name in digests:
             _fsync(staged / name)
         manifest_tmp = staged / (MANIFEST_FILE + ".tmp")
@@ -153,6 +158,13 @@ class AdapterStore:
         _fsync(target.parent)
         failpoint("store.after-rename")
         return stored
+
+    @staticmethod
+    def _intact(folder: Path, digests: dict[str, str]) -> bool:
+        try:
+            return all(file_sha256(folder / name) == digest for name, digest in digests.items())
+        except OSError:
+            return False
 
     def verified_folder(self, key: str, weights_sha256: str) -> Path:
         """The object's folder, after checking its weights still hash to what was registered."""

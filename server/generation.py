@@ -70,9 +70,10 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
             f"your prompt is {used} tokens; this server accepts at most {s.max_prompt_tokens} (--max-prompt-tokens)",
             param=prompt_param, code="prompt_too_long")
     if limit < context and used + (max_tokens or 1) > limit:
+        completion = f"{max_tokens} in the completion" if max_tokens else "at least 1 to complete"
         raise InvalidRequest(
-            f"this request needs {used + (max_tokens or 1)} tokens ({used} in the prompt, {max_tokens or 1} or more in "
-            f"the completion); this server allows at most {limit} per choice (--max-total-tokens)",
+            f"this request needs {used + (max_tokens or 1)} tokens ({used} in the prompt, {completion}); this server "
+            f"allows at most {limit} per choice (--max-total-tokens)",
             param=param if max_tokens else prompt_param, code="too_many_tokens")
     if used >= limit:
         raise InvalidRequest(

@@ -247,6 +247,40 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatc
     assert rt.engine.stats()["running"] == 0
 
 
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_in_a_step_is_a_retryable_503_for_its_requests_only(rt, monkeypatch, oom):
+    from hotpeft.server.engine.base import OutOfMemory
+    from hotpeft.server.errors import describe
+
+    prompt = rt.tokenizer("memory")["input_ids"]
+    real = rt.engine.step_fn.forward
+    calls = {"n": 0}
+
+    def starved(step):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise oom("injected: out of memory")
+        return real(step)
+
+    monkeypatch.setattr(rt.engine.step_fn, "forward", starved)
+
+    async def one():
+        try:
+            return await _tokens(rt, make_request(rt, "lora-attn", prompt, 10))
+        except OutOfMemory as e:
+            return e
+
+    async def scenario():
+        return await asyncio.wait_for(asyncio.gather(one(), one()), 120)
+
+    outs = asyncio.run(scenario())
+    assert all(isinstance(o, OutOfMemory) for o in outs)
+    status, body = describe(outs[0])
+    assert status == 503 and body["error"]["code"] == "out_of_memory" and outs[0].retry_after >= 1
+    assert len(run_tokens(rt, "lora-attn", prompt, 5)) == 5  # the engine lives on
+    assert rt.engine.stats()["alive"]
+
+
 def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tmp_path_factory):
     rt3 = make_runtime(tiny_dirs, tmp_path_factory, max_num_seqs=1)
     prompt = rt3.tokenizer("shutdown")["input_ids"]

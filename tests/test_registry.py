@@ -93,6 +93,12 @@ def test_store_is_content_addressed_and_checked_on_load(make_catalog, tiny_dirs,
     weights.write_bytes(bytes(data))
     with pytest.raises(AdapterUnavailable, match=r"adapter a@1 cannot be served: .* are corrupt"):
         cat.load(a)
+    # Registering the same content again repairs the damaged object instead of pointing at it.
+    c = cat.register_dir("c", tiny_dirs["adapters"] / "lora-attn", source="import")
+    assert c.store_key == a.store_key
+    cat.load(c)
+    cat.cache.drop(a.key)
+    cat.load(a)
 
 
 def test_failed_registration_changes_nothing(make_catalog, tiny_dirs, tmp_path):

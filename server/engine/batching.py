@@ -29,6 +29,7 @@ import torch
 
 from hotpeft.adapters.catalog import AdapterVersion
 from hotpeft.adapters.errors import AdapterConflict
+from hotpeft.adapters.faults import failpoint
 from hotpeft.server.engine.base import (
     Engine, EngineFailure, EventSink, GenerationRequest, OutOfMemory, Overloaded, ShuttingDown, TokenEvent,
 )
@@ -419,6 +420,7 @@ class BatchEngine(Engine):
         rows = list(self._running)
         t0 = time.perf_counter()
         try:
+            failpoint("engine.step")
             step, sampled, takes = self._build()
             self.kv.prepare(len(rows), step.read_len)
             logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt

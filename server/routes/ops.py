@@ -31,9 +31,10 @@ async def ready(request: Request):
         reason = "engine stopped"
     elif stats["stalled_s"] > runtime.settings.stall_timeout:
         reason = f"engine stalled: no step for {stats['stalled_s']:.0f} s with work waiting (--stall-timeout)"
+    http = {"in_flight": request.app.state.lifecycle.in_flight}
     if reason:
-        return JSONResponse({"status": "not ready", "reason": reason, "engine": stats}, status_code=503)
-    return {"status": "ready", "engine": stats}
+        return JSONResponse({"status": "not ready", "reason": reason, "engine": stats, "http": http}, status_code=503)
+    return {"status": "ready", "engine": stats, "http": http}
 
 
 @router.get("/metrics")
