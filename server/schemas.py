@@ -259,3 +259,31 @@ class ResidencyChange(BaseModel):
     residency: Literal["disk", "cpu", "device"]
     pinned: bool
     changed: bool  # load: it was loaded now; unload: something was dropped
+
+
+# ---- errors, as every route may answer them ----------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "invalid request: the field is named in `param`",
+    401: "missing or incorrect key (servers started with --api-key / --admin-key)",
+    403: "this key may not call this route, or the path is outside every --import-root",
+    404: "no such model, adapter, file or job",
+    409: "conflict with the current state (an adapter for another base, a job that cannot be cancelled)",
+    413: "body or upload over its limit (--max-body-bytes, --max-adapter-bytes, --max-file-bytes)",
+    429: "too many waiting requests (--max-queue): retry after the Retry-After header",
+    500: "the server failed this request (an engine step failed, stored adapter files unreadable)",
+    503: "shutting down, out of memory for this batch, or not ready",
+}
+ERROR_RESPONSES: dict = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}

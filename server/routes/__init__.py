@@ -1,11 +1,9 @@
-"""All routers, gathered."""
+"""All routers, gathered; every route documents the errors it may answer in OpenAI's shape."""
 from fastapi import APIRouter
 
 from hotpeft.server.routes import adapters, files, jobs, openai, ops
+from hotpeft.server.schemas import ERROR_RESPONSES
 
 api_router = APIRouter()
-api_router.include_router(ops.router)
-api_router.include_router(openai.router)
-api_router.include_router(adapters.router)
-api_router.include_router(files.router)
-api_router.include_router(jobs.router)
+for module in (ops, openai, adapters, files, jobs):
+    api_router.include_router(module.router, responses=ERROR_RESPONSES)

@@ -70,7 +70,16 @@ def _record(rt: Runtime, name: str, version: int | None = None) -> VersionRecord
 
 
 # ---- registration --------------------------------------------------------------------------------
-@router.post("", response_model=AdapterVersionPublic, status_code=201)
+_REGISTER_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["name", "files"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "adapter_config.json, adapter_model.safetensors, optionally chat_template.jinja"}}}},
+    "application/json": {"schema": AdapterImport.model_json_schema()},
+}}}
+
+
+@router.post("", response_model=AdapterVersionPublic, status_code=201, openapi_extra=_REGISTER_BODY)
 async def register(request: Request, rt: RuntimeDep) -> AdapterVersionPublic:
     """multipart/form-data: `name`, optional `description`, files adapter_config.json and
     adapter_model.safetensors (optionally chat_template.jinja / tokenizer_config.json);

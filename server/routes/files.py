@@ -59,7 +59,12 @@ def _store(rt: Runtime, filename: str, data: bytes) -> FileRecord:
         raise
 
 
-@router.post("", response_model=FileObject)
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": [PURPOSE]}}}}}}}
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY)
 async def upload_file(request: Request, rt: RuntimeDep) -> FileObject:
     limit = rt.settings.max_file_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):

@@ -146,7 +146,11 @@ async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_ch
         tracker.finish(outcome, prepared.prompt_tokens, completion_tokens)
 
 
-@router.post("/chat/completions")
+# 200: a JSON body, or server-sent events with "stream": true
+_GENERATION = {200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"}}
+
+
+@router.post("/chat/completions", responses=_GENERATION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
     tracker, prepared, choices = await _open(rt, "chat", body, prepare_chat)
     headers = _headers(prepared)
@@ -190,7 +194,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     })
 
 
-@router.post("/completions")
+@router.post("/completions", responses=_GENERATION)
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
     tracker, prepared, choices = await _open(rt, "completions", body, prepare_completion)
     headers = _headers(prepared)

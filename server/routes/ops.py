@@ -3,7 +3,7 @@ import asyncio
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hotpeft.server.deps import RuntimeDep
@@ -37,7 +37,7 @@ async def ready(request: Request):
     return {"status": "ready", "engine": stats, "http": http}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format; names prefixed hotpeft_ (see server/metrics.py)."""
     body = await asyncio.to_thread(generate_latest, rt.metrics.registry)
