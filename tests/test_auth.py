@@ -66,10 +66,13 @@ def keyed(tiny_dirs, tmp_path_factory):
     server.stop()
 
 
-def test_the_route_table_is_what_we_expect_to_see():
+def test_the_route_table_is_what_we_expect_to_see(figure):
     table = set(ROUTES)
     assert PUBLIC <= table and INFERENCE <= table
     assert ("POST", "/v1/adapters") in table and ("POST", "/v1/fine_tuning/jobs") in table
+    admin = table - PUBLIC - INFERENCE
+    figure("auth", routes=len(table), public=len(PUBLIC), inference=len(INFERENCE), admin=len(admin),
+           requests_per_route=6)
 
 
 @pytest.mark.parametrize("method,path", ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
