@@ -67,3 +67,36 @@ def test_dashboard_in_headless_chromium(tiny_server, client):
             browser.close()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     assert errors == [] and outside == []
+
+
+def test_dashboard_asks_for_a_key_when_the_server_has_keys(tiny_dirs, tmp_path):
+    """The page is public; its data is not: it shows a key field, and with a good key it draws."""
+    chromium = _chromium()
+    from conftest import ServerProcess
+    from playwright.sync_api import sync_playwright
+
+    key = "dashboard-key-0001"
+    server = ServerProcess(["--model", str(tiny_dirs["base"]), "--adapters-dir", str(tiny_dirs["adapters"]),
+                            "--dtype", "float32"], tmp_path / "home", env={"HOTPEFT_API_KEY": key})
+    try:
+        httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": "lora-attn", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/dashboard")
+                page.wait_for_selector("#login", state="visible", timeout=15000)
+                assert "key is needed" in page.inner_text("#status")
+                page.fill("#key", "not-the-key-000")
+                page.click("#login button")
+                page.wait_for_function("() => document.getElementById('status').textContent.includes('not accepted')",
+                                       timeout=15000)
+                page.fill("#key", key)
+                page.click("#login button")
+                page.wait_for_selector("#ttft path[data-adapter='lora-attn']", state="attached", timeout=15000)
+                assert page.is_hidden("#login") and "updated" in page.inner_text("#status")
+            finally:
+                browser.close()
+    finally:
+        server.stop()

@@ -217,18 +217,23 @@ def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, t
     assert outs == expected  # two slots, five requests: the rest waited, nothing was lost or mixed up
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatch):
-    prompt = rt.tokenizer("fault")["input_ids"]
+def fail_forward_once(rt, monkeypatch, at_call: int, error: BaseException) -> None:
+    """The engine's forward pass raises `error` on its `at_call`-th call, and works otherwise."""
     real = rt.engine.step_fn.forward
     calls = {"n": 0}
 
     def flaky(step):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
+        if calls["n"] == at_call:
+            raise error
         return real(step)
 
     monkeypatch.setattr(rt.engine.step_fn, "forward", flaky)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatch):
+    prompt = rt.tokenizer("fault")["input_ids"]
+    fail_forward_once(rt, monkeypatch, 3, RuntimeError("injected fault"))
     failed_before = rt.engine.stats()["failed_steps"]
 
     async def one(adapter):
@@ -253,16 +258,7 @@ def test_out_of_memory_in_a_step_is_a_retryable_503_for_its_requests_only(rt, mo
     from hotpeft.server.errors import describe
 
     prompt = rt.tokenizer("memory")["input_ids"]
-    real = rt.engine.step_fn.forward
-    calls = {"n": 0}
-
-    def starved(step):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise oom("injected: out of memory")
-        return real(step)
-
-    monkeypatch.setattr(rt.engine.step_fn, "forward", starved)
+    fail_forward_once(rt, monkeypatch, 2, oom("injected: out of memory"))
 
     async def one():
         try:
