@@ -16,13 +16,13 @@ from hotpeft.server.runtime import build_runtime
 log = logging.getLogger("hotpeft.server")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime_builder=build_runtime) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Loading takes seconds: keep it off the event loop so the process stays responsive.
-        runtime = await asyncio.to_thread(build_runtime, settings)
+        runtime = await asyncio.to_thread(runtime_builder, settings)
         engine, catalog = runtime.engine, runtime.catalog
         engine.start()
         # Deleted versions leave the engine once no running request uses them.

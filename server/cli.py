@@ -49,6 +49,13 @@ def serve(args: argparse.Namespace) -> int:
             print(f"hotpeft serve: {where}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ray:
+        try:
+            from hotpeft.server import ray_serve
+        except ImportError:
+            print("hotpeft serve: --ray needs Ray Serve: pip install 'hotpeft[ray]'", file=sys.stderr)
+            return 2
+        return ray_serve.run(settings)
     app = create_app(settings)
     # The drain ends the responses it waited for (or aborts them at --drain-timeout) before uvicorn
     # begins its own shutdown; the grace here only bounds writing their last bytes.

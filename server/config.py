@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
     allow_foreign_base: bool = Field(False, description="serve adapters whose config names another base model")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    ray: bool = Field(False, description="serve through Ray Serve: --replicas engine replicas behind one ingress "
+                                         "(pip install hotpeft[ray])")
+    replicas: int = Field(1, ge=1, le=1024, description="engine replicas with --ray")
+    ray_address: str | None = Field(None, description="Ray cluster to join with --ray (default: start a local one)")
 
     @field_validator("home", "adapters_dir", "store_dir")
     @classmethod

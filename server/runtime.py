@@ -56,7 +56,9 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, engine=None) -> Runtime:
+    """The model, catalogue, engine, jobs and metrics. `engine`: use this one instead of a local
+    BatchEngine (Ray Serve's ingress hands generation to replicas)."""
     device = basemodel.default_device() if settings.device == "auto" else torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise basemodel.ModelUnavailable("--device cuda was given, but no CUDA device is available")
@@ -78,10 +80,11 @@ def build_runtime(settings: Settings) -> Runtime:
         base.max_model_len, time.perf_counter() - t0,
     )
     catalog = open_catalog(settings, base, bank)
-    kv = make_kv_cache(settings, base, dtype, device)
-    limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
-                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
-    engine = BatchEngine(base.model, base.tokenizer, bank, kv, basemodel.eos_ids(base), limits)
+    if engine is None:
+        kv = make_kv_cache(settings, base, dtype, device)
+        limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
+                              max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
+        engine = BatchEngine(base.model, base.tokenizer, bank, kv, basemodel.eos_ids(base), limits)
     jobs = make_job_manager(settings, catalog)
     metrics = make_metrics(settings, base, engine, catalog, jobs)
     engine.observer = EngineObserver(metrics)
