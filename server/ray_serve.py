@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -68,7 +69,13 @@ class EngineReplica:
     @serve.multiplexed(max_num_models_per_replica=64)
     async def adapter(self, key: str):
         """The adapter version in the CPU tier and, for a LoRA, resident in the engine."""
-        record = self.rt.catalog.resolve(key).record
+        from hotpeft.adapters.errors import AdapterNotFound
+
+        try:
+            record = self.rt.catalog.resolve(key).record
+        except AdapterNotFound:  # the ingress saw a version this replica's poll has not seen yet
+            await asyncio.to_thread(self.rt.catalog.refresh)
+            record = self.rt.catalog.resolve(key).record
         if record is None:
             return None
         version = await asyncio.to_thread(self.rt.catalog.load, record)
@@ -107,7 +114,6 @@ class RayEngine(Engine):
         self.observer = None
         self._open: dict[int, object] = {}
         self._ids = itertools.count()
-        self.replica_of_last: str | None = None
 
     def start(self) -> None:
         pass
@@ -148,12 +154,13 @@ class RayEngine(Engine):
 
     async def _events(self, request_id: int, response) -> AsyncIterator[TokenEvent]:
         try:
+            replica = None
             async for item in response:
                 if "replica" in item:
-                    self.replica_of_last = item["replica"]
+                    replica = item["replica"]
                     continue
                 yield TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
-                                 item["completion_tokens"])
+                                 item["completion_tokens"], replica=replica)
         finally:
             if self._open.pop(request_id, None) is not None:
                 response.cancel()
@@ -200,6 +207,10 @@ def run(settings: Settings) -> int:
     except (ConnectionError, RuntimeError, ValueError) as e:
         log.error("cannot reach the Ray cluster at %s: %s", settings.ray_address, e)
         return 3
+    def stop(signum, frame):  # SIGTERM: leave through the `finally`, which takes the cluster down with us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(deployments(settings), name=APP_NAME, route_prefix="/", blocking=False)
     log.info("serving through Ray Serve on %s:%d with %d replica(s)", settings.host, settings.port, settings.replicas)
@@ -216,3 +227,8 @@ def run(settings: Settings) -> int:
 async def _forever() -> None:
     while True:
         await asyncio.sleep(3600)
+
+
+def app(args: dict | None = None):
+    """For `serve run hotpeft.server.ray_serve:app`: settings from HOTPEFT_* (and `args`, flag names as keys)."""
+    return deployments(Settings(**(args or {})))

@@ -45,6 +45,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None  # set when the request failed inside the engine
+    replica: str | None = None  # which engine replica produced it (Ray Serve); None in one process
 
 
 class EngineFailure(RuntimeError):

@@ -82,10 +82,13 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
     texts = [""] * n_choices
     finish: list[str | None] = [None] * n_choices
     completion_tokens = 0
+    replicas: set[str] = set()
 
     async def gather():
         nonlocal completion_tokens
         async for i, ev in run_choices(rt, choices):
+            if ev.replica:
+                replicas.add(ev.replica)
             texts[i] += ev.text
             completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))
@@ -110,12 +113,15 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
         tracker.failed(e, prompt_tokens, completion_tokens)
         raise
     tracker.finish("ok", prompt_tokens, completion_tokens)
-    return texts, finish, completion_tokens
+    return texts, finish, completion_tokens, replicas
 
 
-def _headers(prepared: Prepared) -> dict[str, str]:
+def _headers(prepared: Prepared, replicas: set[str] = frozenset()) -> dict[str, str]:
     # Which exact weights answer (name@N, or mix:<hash>): a client can tell versions apart during a swap.
-    return {"X-Hotpeft-Adapter": prepared.served}
+    headers = {"X-Hotpeft-Adapter": prepared.served}
+    if replicas:  # Ray Serve: which engine replica(s) generated the answer
+        headers["X-Hotpeft-Replica"] = ",".join(sorted(replicas))
+    return headers
 
 
 def _sse(obj) -> str:
@@ -182,8 +188,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     result = await _collect(request, rt, choices, body.n, tracker, prepared.prompt_tokens)
     if result is None:
         return None
-    texts, finish, completion_tokens = result
-    return JSONResponse(headers=headers, content={
+    texts, finish, completion_tokens, replicas = result
+    return JSONResponse(headers=_headers(prepared, replicas), content={
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "system_fingerprint": fingerprint,
         "choices": [
@@ -214,8 +220,8 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
     result = await _collect(request, rt, choices, n_choices, tracker, prepared.prompt_tokens)
     if result is None:
         return None
-    texts, finish, completion_tokens = result
-    return JSONResponse(headers=headers, content={
+    texts, finish, completion_tokens, replicas = result
+    return JSONResponse(headers=_headers(prepared, replicas), content={
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                     for i, (t, f) in enumerate(zip(texts, finish))],

@@ -1,0 +1,55 @@
+"""`hotpeft serve --ray`: two engine replicas on a local Ray cluster behind one ingress (tiny model)."""
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import ServerProcess
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e .[ray])")
+
+CHAT = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_dirs, tmp_path_factory):
+    server = ServerProcess(["--ray", "--replicas", "2", "--model", str(tiny_dirs["base"]), "--adapters-dir",
+                            str(tiny_dirs["adapters"]), "--dtype", "float32"], tmp_path_factory.mktemp("ray-home"),
+                           start_timeout=300)
+    yield server
+    server.stop()
+
+
+def test_greedy_output_through_ray_equals_the_single_process_server(ray_server, client):
+    from openai import OpenAI
+
+    through_ray = OpenAI(base_url=ray_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    for model in ("lora-attn", "soft", "tiny-llama"):
+        want = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0)
+        got = through_ray.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0)
+        assert got.choices[0].message.content == want.choices[0].message.content, model
+    stream = through_ray.completions.create(model="lora-mlp", prompt="count", max_tokens=6, temperature=0,
+                                            stream=True)
+    streamed = "".join(c.choices[0].text for c in stream if c.choices)
+    whole = client.completions.create(model="lora-mlp", prompt="count", max_tokens=6, temperature=0)
+    assert streamed == whole.choices[0].text
+
+
+def test_requests_for_one_adapter_stay_on_one_replica(ray_server):
+    seen: dict[str, set[str]] = {}
+    for _ in range(6):
+        for model in ("lora-attn", "lora-mlp"):
+            r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                           json={"model": model, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            seen.setdefault(model, set()).add(r.headers["x-hotpeft-replica"])
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+
+
+def test_an_adapter_registered_through_the_ingress_is_served(ray_server, extra_adapters):
+    folder = extra_adapters["lora-qk"]
+    files = [("files", (f.name, f.read_bytes())) for f in folder.iterdir() if f.is_file()]
+    r = httpx.post(ray_server.url + "/v1/adapters", data={"name": "fresh"}, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                   json={"model": "fresh", "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 200 and r.headers["x-hotpeft-adapter"] == "fresh@1", r.text
