@@ -12,7 +12,9 @@ from hotpeft.adapters.errors import (
     AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge,
     AdapterUnavailable, InvalidName,
 )
-from hotpeft.server.engine.base import EngineFailure, OutOfMemory, Overloaded, ShuttingDown
+from hotpeft.server.engine.base import (
+    EngineFailure, OutOfMemory, Overloaded, ReplicaUnavailable, ShuttingDown,
+)
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, JobConflict, JobNotFound, TrainerError
 
 log = logging.getLogger("hotpeft.http")
@@ -54,6 +56,7 @@ _STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (TrainerError, 400, "invalid_request_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
     (ShuttingDown, 503, "server_error", "shutting_down"),
+    (ReplicaUnavailable, 503, "server_error", "replica_unavailable"),
     (OutOfMemory, 503, "server_error", "out_of_memory"),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (EngineFailure, 500, "server_error", "engine_failure"),

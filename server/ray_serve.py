@@ -22,12 +22,15 @@ import json
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from hotpeft.server.config import Settings
-from hotpeft.server.engine.base import Engine, EngineFailure, GenerationRequest, SamplingParams, TokenEvent
+from hotpeft.server.engine.base import (
+    Engine, EngineFailure, GenerationRequest, ReplicaUnavailable, SamplingParams, TokenEvent,
+)
 
 log = logging.getLogger("hotpeft.ray")
 
@@ -153,6 +156,8 @@ class RayEngine(Engine):
         return self._events(request.request_id, response)
 
     async def _events(self, request_id: int, response) -> AsyncIterator[TokenEvent]:
+        from ray.exceptions import RayActorError, RayTaskError
+
         try:
             replica = None
             async for item in response:
@@ -161,6 +166,13 @@ class RayEngine(Engine):
                     continue
                 yield TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
                                  item["completion_tokens"], replica=replica)
+        except RayTaskError as e:  # raised inside the replica: its own error (an instance of the cause too)
+            cause = e.as_instanceof_cause()
+            raise (cause if isinstance(cause, Exception) and not isinstance(cause, RayTaskError) else
+                   EngineFailure(f"generation failed on replica {replica}: {e.cause!r}")) from e
+        except RayActorError as e:
+            raise ReplicaUnavailable(f"the engine replica {replica or ''} running this request went away; retry: "
+                                     "Ray Serve sends new requests to the remaining replicas and restarts it") from e
         finally:
             if self._open.pop(request_id, None) is not None:
                 response.cancel()
@@ -219,7 +231,10 @@ def run(settings: Settings) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        # Serve's shutdown waits on its controller, which can hang after replicas were killed: bound it.
+        closer = threading.Thread(target=serve.shutdown, daemon=True)
+        closer.start()
+        closer.join(settings.drain_timeout + 10)
         ray.shutdown()
     return 0
 

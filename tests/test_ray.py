@@ -53,3 +53,38 @@ def test_an_adapter_registered_through_the_ingress_is_served(ray_server, extra_a
     r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
                    json={"model": "fresh", "prompt": "x", "max_tokens": 3})
     assert r.status_code == 200 and r.headers["x-hotpeft-adapter"] == "fresh@1", r.text
+
+
+def _engine_replica_pids() -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:hotpeft:EngineReplica" in line]
+
+
+def test_a_replica_killed_mid_stream(ray_server):
+    """Its stream ends with a 503 in OpenAI's error shape; new requests are served; Ray restarts it."""
+    import os
+    import signal
+
+    from conftest import wait_for
+
+    before = _engine_replica_pids()
+    assert len(before) == 2
+    lines = []
+    body = {"model": "lora-attn", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ray_server.url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 3:
+                for pid in before:  # both: whichever runs the stream is gone
+                    os.kill(pid, signal.SIGKILL)
+    assert '"replica_unavailable"' in lines[-1] and '"error"' in lines[-1], lines[-1]
+    r = httpx.post(ray_server.url + "/v1/completions", json={"model": "lora-attn", "prompt": "x", "max_tokens": 2},
+                   timeout=120)
+    assert r.status_code in (200, 503), r.text
+    wait_for(lambda: len(set(_engine_replica_pids()) - set(before)) == 2, 120, what="both replicas restarted")
+    wait_for(lambda: httpx.post(ray_server.url + "/v1/completions", timeout=120, json={
+        "model": "lora-attn", "prompt": "x", "max_tokens": 2}).status_code == 200, 120, what="serving again")

@@ -65,6 +65,10 @@ class ShuttingDown(EngineFailure):
     """The server stopped (or its drain timed out) before this request finished (503)."""
 
 
+class ReplicaUnavailable(EngineFailure):
+    """The engine replica running this request went away (Ray Serve): retry, another replica answers (503)."""
+
+
 class OutOfMemory(Overloaded):
     """A step ran out of memory: its requests fail with 503 and Retry-After; the engine goes on."""
 
