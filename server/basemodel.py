@@ -198,8 +198,11 @@ def load_base(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     max_model_len: int | None = None,
+    weights: bool = True,
 ) -> LoadedBase:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`weights=False`: the architecture on the meta device, no memory (what a front end that never runs
+    the model needs: its shapes for adapter checks, its tokenizer, its context length)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     device = device or default_device()
@@ -214,8 +217,13 @@ def load_base(
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    if qconfig is None:
+    if not weights:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    if qconfig is None and weights:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -228,7 +236,7 @@ def load_base(
     return LoadedBase(
         model_id=source.model_id, path=source.path, model=model, tokenizer=tokenizer,
         quantization=quantization, device=device, dtype=dtype,
-        resident_bytes=resident_bytes(model), fingerprint=fingerprint(source.path, source.model_id),
+        resident_bytes=resident_bytes(model) if weights else 0, fingerprint=fingerprint(source.path, source.model_id),
         max_model_len=context,
     )
 

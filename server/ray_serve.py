@@ -29,7 +29,7 @@ from ray import serve
 
 from hotpeft.server.config import Settings
 from hotpeft.server.engine.base import (
-    Engine, EngineFailure, GenerationRequest, ReplicaUnavailable, SamplingParams, TokenEvent,
+    Engine, EngineFailure, GenerationRequest, Overloaded, ReplicaUnavailable, SamplingParams, TokenEvent,
 )
 
 log = logging.getLogger("hotpeft.ray")
@@ -156,7 +156,8 @@ class RayEngine(Engine):
         return self._events(request.request_id, response)
 
     async def _events(self, request_id: int, response) -> AsyncIterator[TokenEvent]:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayError, RayTaskError
+        from ray.serve.exceptions import BackPressureError, RayServeException
 
         try:
             replica = None
@@ -170,9 +171,13 @@ class RayEngine(Engine):
             cause = e.as_instanceof_cause()
             raise (cause if isinstance(cause, Exception) and not isinstance(cause, RayTaskError) else
                    EngineFailure(f"generation failed on replica {replica}: {e.cause!r}")) from e
-        except RayActorError as e:
-            raise ReplicaUnavailable(f"the engine replica {replica or ''} running this request went away; retry: "
-                                     "Ray Serve sends new requests to the remaining replicas and restarts it") from e
+        except BackPressureError as e:
+            raise Overloaded(f"every engine replica is at capacity: {e}; retry shortly", retry_after=1) from e
+        except (RayError, RayServeException) as e:  # the replica died, or none is up yet
+            where = f"the engine replica {replica} running this request went away" if replica else \
+                "no engine replica could take this request"
+            raise ReplicaUnavailable(f"{where} ({type(e).__name__}); retry: Ray Serve sends new requests to the "
+                                     "remaining replicas and restarts lost ones") from e
         finally:
             if self._open.pop(request_id, None) is not None:
                 response.cancel()

@@ -72,8 +72,10 @@ def build_runtime(settings: Settings, engine=None) -> Runtime:
     home.mkdir(parents=True, exist_ok=True)
     source = basemodel.resolve_model(settings.model, home)
     t0 = time.perf_counter()
-    base = basemodel.load_base(source, quantization, device=device, dtype=dtype, max_model_len=settings.max_model_len)
-    bank = LoraBank(base.model, dtype, device)
+    local = engine is None  # the model runs here; else only its shapes and tokenizer are needed
+    base = basemodel.load_base(source, quantization, device=device if local else torch.device("cpu"), dtype=dtype,
+                               max_model_len=settings.max_model_len, weights=local)
+    bank = LoraBank(base.model, dtype, device if local else torch.device("cpu"))
     log.info(
         "base %s resident on %s: precision %s (compute %s), %.1f MiB, context %d tokens, loaded in %.1fs",
         base.model_id, device, base.quantization, str(dtype).removeprefix("torch."), base.resident_bytes / 2**20,
