@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator
 
@@ -218,11 +219,15 @@ def run(settings: Settings) -> int:
     """`hotpeft serve --ray`: connect to (or start) a Ray cluster, deploy, serve until interrupted."""
     import ray
 
+    problem = unreachable(settings.ray_address)
+    if problem:
+        log.error("%s", problem)
+        return 3
     try:
         ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        log.error("cannot reach the Ray cluster at %s: %s", settings.ray_address, e)
+        log.error("cannot join the Ray cluster at %s: %s", settings.ray_address, e)
         return 3
     def stop(signum, frame):  # SIGTERM: leave through the `finally`, which takes the cluster down with us
         raise KeyboardInterrupt
@@ -242,6 +247,24 @@ def run(settings: Settings) -> int:
         closer.join(settings.drain_timeout + 10)
         ray.shutdown()
     return 0
+
+
+def unreachable(address: str | None, timeout: float = 5.0) -> str | None:
+    """Why `--ray-address` cannot be joined, found in seconds; None when its port answers (or none is given).
+
+    ray.init itself retries an address that does not answer for minutes before it gives up."""
+    if address in (None, "", "auto", "local"):
+        return None
+    target = address.removeprefix("ray://").removeprefix("http://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return f"--ray-address {address!r} is not host:port (or ray://host:port, auto, local)"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"cannot reach the Ray cluster at --ray-address {address}: {e.strerror or e}; start it (ray start " \
+               "--head) or leave --ray-address out to start a local one"
 
 
 async def _forever() -> None:

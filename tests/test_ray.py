@@ -91,3 +91,17 @@ def test_a_replica_killed_mid_stream(ray_server):
     wait_for(lambda: len(set(_engine_replica_pids()) - set(before)) == 2, 120, what="both replicas restarted")
     wait_for(lambda: httpx.post(ray_server.url + "/v1/completions", timeout=120, json={
         "model": "lora-attn", "prompt": "x", "max_tokens": 2}).status_code == 200, 120, what="serving again")
+
+
+def test_an_unreachable_ray_address_is_a_clear_error_at_once(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    from hotpeft.server.localserver import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--ray", "--ray-address", address,
+                           "--model", str(tiny_dirs["base"])], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HOTPEFT_HOME": str(tmp_path)})
+    assert proc.returncode == 3
+    assert f"cannot reach the Ray cluster at --ray-address {address}" in proc.stderr
