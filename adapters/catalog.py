@@ -192,13 +192,22 @@ class AdapterCatalog:
                 try:
                     if self.registry.generation() != self._snap.generation:
                         self.refresh()
-                except Exception:  # noqa: BLE001 - a database hiccup: keep serving the last snapshot
-                    log.exception("registry poll failed; serving the last snapshot")
+                except Exception as e:  # noqa: BLE001 - a database outage: keep serving the last snapshot
+                    if self.registry_problem is None:
+                        log.error("registry unreachable (%s); serving the %d adapter(s) already known",
+                                  type(e).__name__, len(self._snap.records()))
+                    self.registry_problem = _short(e)
+                else:
+                    if self.registry_problem is not None:
+                        log.info("registry reachable again")
+                    self.registry_problem = None
 
         if self._watcher is None:
             self._stop.clear()
             self._watcher = threading.Thread(target=loop, name="hotpeft-registry-watch", daemon=True)
             self._watcher.start()
+
+    registry_problem: str | None = None  # set while the watcher cannot reach the registry (/ready: degraded)
 
     def close(self) -> None:
         self._stop.set()
@@ -287,3 +296,9 @@ def _write_peft_folder(folder: Path, config: dict, tensors: dict) -> None:
 
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     save_file(tensors, str(folder / WEIGHTS_FILE))
+
+
+def _short(e: BaseException) -> str:
+    """A database error in one line, without the SQL it ran."""
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -69,6 +70,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def describe(exc: BaseException) -> tuple[int, dict]:
     """Status and OpenAI-shaped body for any exception (used by handlers and by SSE streams)."""
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or isinstance(exc, (OperationalError,
+                                                                                         InterfaceError))):
+        return 503, error_body(
+            "the adapter registry is unreachable; adapters already known are still served, but nothing can be "
+            "registered, promoted or deleted until it is back: retry later", "server_error", None,
+            "registry_unavailable")
     for cls, status, type_, code in _STATUS:
         if isinstance(exc, cls):
             message = getattr(exc, "message", str(exc))
@@ -111,6 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for cls, *_ in _STATUS:
         app.add_exception_handler(cls, _domain)
+    app.add_exception_handler(DBAPIError, _domain)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

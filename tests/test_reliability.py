@@ -412,3 +412,46 @@ def test_drain_timeout_ends_what_is_left_and_exits_cleanly(tiny_dirs, tmp_path, 
     assert code == 0
     figure("drain_timeout", streams=3, drain_timeout_s=2, ended_with_503_error=3, exit_code=code,
            seconds_to_exit=round(exit_s, 1))
+
+
+def test_registry_unreachable_keeps_serving_and_refuses_changes(tiny_dirs, tmp_path, postgres_server, figure):
+    """The shared registry goes away: known adapters keep serving, changes are a 503, /ready says degraded."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+    from test_adapters_api import lora_folder, upload
+
+    url = postgres_server()
+    db = make_url(url)
+    admin = f"host={db.host} port={db.port} user=postgres dbname=postgres"
+    server = ServerProcess(["--model", str(tiny_dirs["base"]), "--adapters-dir", str(tiny_dirs["adapters"]),
+                            "--dtype", "float32", "--registry-url", url], tmp_path / "home")
+
+    def allow(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {db.database} WITH ALLOW_CONNECTIONS {str(on).lower()}")
+            if not on:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                             (db.database,))
+
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            assert complete(http, "lora-attn").status_code == 200
+            allow(False)
+            ready = wait_for(lambda: (lambda r: r if r.json()["status"] == "degraded" else None)(
+                http.get("/ready")), 30, what="/ready degraded")
+            assert ready.status_code == 200 and "registry unreachable" in ready.json()["reason"]
+            served = [complete(http, m).status_code for m in ("lora-attn", "soft", "base", "lora-mlp")]
+            assert served == [200] * 4
+            r = upload(http, "during-outage", lora_folder(tmp_path, tiny_dirs, "during-outage", seed=91))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "registry_unavailable", r.text
+            assert http.post("/v1/adapters/lora-attn/promote", json={"version": 1}).status_code == 503
+            allow(True)
+            wait_for(lambda: http.get("/ready").json()["status"] == "ready", 30, what="/ready again")
+            r = upload(http, "after-outage", lora_folder(tmp_path, tiny_dirs, "after-outage", seed=92))
+            assert r.status_code == 201, r.text
+            assert complete(http, "after-outage").status_code == 200
+        figure("registry_unreachable", served_during_outage=len(served), registration_status=503,
+               ready_status="degraded", recovered=True)
+    finally:
+        allow(True)
+        server.stop()

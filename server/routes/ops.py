@@ -34,6 +34,9 @@ async def ready(request: Request):
     http = {"in_flight": request.app.state.lifecycle.in_flight}
     if reason:
         return JSONResponse({"status": "not ready", "reason": reason, "engine": stats, "http": http}, status_code=503)
+    problem = runtime.catalog.registry_problem
+    if problem:  # still serving what it knows: stay in rotation, say what is wrong
+        return {"status": "degraded", "reason": f"registry unreachable: {problem}", "engine": stats, "http": http}
     return {"status": "ready", "engine": stats, "http": http}
 
 
