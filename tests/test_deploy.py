@@ -98,3 +98,40 @@ def test_a_real_prometheus_scrapes_and_answers_p95_ttft_per_adapter(tiny_server,
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def _lint_tool(name: str) -> str:
+    import sys
+
+    path = Path(sys.executable).parent / name
+    if not path.exists() and shutil.which(name) is None:
+        pytest.skip(f"{name} is not installed (pip install -e .[test])")
+    return str(path) if path.exists() else shutil.which(name)
+
+
+def test_dockerfile_passes_hadolint():
+    out = subprocess.run([_lint_tool("hadolint"), str(DEPLOY.parent / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_deploy_yaml_passes_yamllint():
+    config = "{extends: relaxed, rules: {line-length: {max: 120}}}"
+    out = subprocess.run([_lint_tool("yamllint"), "-s", "-d", config, str(DEPLOY)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_kubernetes_manifests_validate():
+    manifests = sorted((DEPLOY / "k8s").glob("*.yaml"))
+    assert manifests
+    out = subprocess.run([_lint_tool("kubernetes-validate"), *map(str, manifests)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import yaml
+
+    docs = [d for m in manifests for d in yaml.safe_load_all(m.read_text())]
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service"} <= kinds
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert "preStop" in container["lifecycle"]
