@@ -483,11 +483,23 @@ def add_parser(sub) -> None:
     p.add_argument("--metrics-adapters", type=int, default=200, help="adapters registered for (h)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     p.add_argument("--smoke", action="store_true", help="a few seconds in all: checks that every scenario runs")
+    p.add_argument("--ray", action="store_true", help="instead: 1 vs 2 Ray Serve replicas on Zipf-popular adapters "
+                                                      "(server/bench_ray.py; pip install hotpeft[ray])")
+    p.add_argument("--adapters", type=int, default=32, help="--ray: adapters in the workload")
+    p.add_argument("--zipf", type=float, default=1.1, help="--ray: Zipf exponent of adapter popularity")
 
 
 def main(args: argparse.Namespace) -> int:
     from hotpeft.server.basemodel import DEFAULT_MODEL_ID
 
+    if args.ray:
+        from hotpeft.server import bench_ray
+
+        result = bench_ray.run(args)
+        print(bench_ray.table(result))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     args.model = args.model or DEFAULT_MODEL_ID
     if args.smoke:
         args.clients, args.duration, args.max_tokens, args.cold, args.rounds = min(args.clients, 4), 2.0, 8, 1, 1

@@ -132,8 +132,12 @@ async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_ch
                   usage_chunk, tracker: RequestTracker) -> AsyncIterator[str]:
     completion_tokens = 0
     outcome = "cancelled"  # unless it ends: the client went away
+    replicas: set[str] = set()
     try:
         async for i, ev in run_choices(rt, choices):
+            if ev.replica and ev.replica not in replicas:  # Ray Serve: an SSE comment, which clients skip
+                replicas.add(ev.replica)
+                yield f": hotpeft-replica {ev.replica}\n\n"
             completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))
             if ev.text:
