@@ -5,8 +5,9 @@
 For each replica count it starts `hotpeft serve --ray --replicas N` on the same adapters, warms
 it up for a third of the duration, then drives `--clients` streams that pick adapters by Zipf
 popularity, and reports aggregate tok/s, TTFT p50/p95, the requests and cold loads per replica,
-and the affinity hit rate: the share of requests that reached a replica which had already
-served (and so held) that adapter. Replicas name themselves in each stream (an SSE comment).
+the resident hit rate (requests that reached a replica which had already served, and so held,
+their adapter) and the affinity hit rate (of the requests for an adapter that some replica
+already held, the share routed to a replica that held it; its complement are duplicate loads). Replicas name themselves in each stream (an SSE comment).
 """
 from __future__ import annotations
 
@@ -84,14 +85,19 @@ def _measure(args, adapters_dir: Path, models: list[str], weights: list[float], 
             loads_warmup = Counter(rep for rep, _ in seen)
             timed, wall = asyncio.run(_drive(server.url, models, weights, args.clients, args.duration,
                                              args.max_tokens, seed=3))
-    hits, cold = 0, Counter()
+    hits, cold, misplaced, known = 0, Counter(), 0, 0
+    cluster = {m for _, m in seen}
     for r in timed:
         key = (r["replica"], r["model"])
+        if r["model"] in cluster:  # some replica already holds it: did the router find one that does?
+            known += 1
+            misplaced += key not in seen
         if key in seen:
             hits += 1
         else:
             cold[r["replica"]] += 1
             seen.add(key)
+            cluster.add(r["model"])
     ttft = [r["ttft"] for r in timed]
     per_replica = Counter(r["replica"] for r in timed)
     return {
@@ -102,7 +108,10 @@ def _measure(args, adapters_dir: Path, models: list[str], weights: list[float], 
         "requests_per_replica": dict(per_replica),
         "cold_loads_warmup_per_replica": dict(loads_warmup),
         "cold_loads_timed_per_replica": dict(cold),
-        "affinity_hit_rate": round(hits / len(timed), 3) if timed else None,
+        "resident_hit_rate": round(hits / len(timed), 3) if timed else None,
+        # of the requests for an adapter some replica already held, the share routed to such a replica
+        "affinity_hit_rate": round(1 - misplaced / known, 3) if known else None,
+        "duplicate_loads": misplaced,
     }
 
 
@@ -128,13 +137,13 @@ def table(result: dict) -> str:
     lines = [f"{result['adapters']} LoRA adapters (rank 8, all linear), Zipf s={result['zipf']}, "
              f"{result['clients']} clients, {result['max_tokens']} tokens each, {result['duration_s']:.0f} s timed",
              "| replicas | requests | tok/s | TTFT p50 ms | TTFT p95 ms | requests per replica | cold loads per replica "
-             "(warm-up / timed) | affinity hit rate |",
-             "|---:|---:|---:|---:|---:|---|---|---:|"]
+             "(warm-up / timed) | resident hit rate | affinity hit rate |",
+             "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in result["runs"]:
         reps = sorted(r["requests_per_replica"])
         per = ", ".join(str(r["requests_per_replica"][k]) for k in reps)
         cold = ", ".join(f"{r['cold_loads_warmup_per_replica'].get(k, 0)} / {r['cold_loads_timed_per_replica'].get(k, 0)}"
                          for k in reps)
         lines.append(f"| {r['replicas']} | {r['requests']} | {r['tok_s']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | "
-                     f"{per} | {cold} | {r['affinity_hit_rate']:.1%} |")
+                     f"{per} | {cold} | {r['resident_hit_rate']:.1%} | {r['affinity_hit_rate']:.1%} |")
     return "\n".join(lines)
