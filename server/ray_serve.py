@@ -30,7 +30,8 @@ from ray import serve
 
 from hotpeft.server.config import Settings
 from hotpeft.server.engine.base import (
-    Engine, EngineFailure, GenerationRequest, Overloaded, ReplicaUnavailable, SamplingParams, TokenEvent,
+    Engine, EngineFailure, EventSink, GenerationRequest, Overloaded, ReplicaUnavailable, SamplingParams,
+    TokenEvent,
 )
 
 log = logging.getLogger("hotpeft.ray")
@@ -92,11 +93,32 @@ class EngineReplica:
         key = serve.get_multiplexed_model_id()
         adapter = await self.adapter(key) if key else None
         request = GenerationRequest(payload["prompt_ids"], SamplingParams(**payload["params"]), adapter)
-        stream = self.rt.engine.generate(request)
-        yield {"replica": self.replica}
-        async for ev in stream:
-            yield {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
-                   "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
+        engine = self.rt.engine
+        sink = EventSink(asyncio.get_running_loop())
+        engine.submit(request, sink)  # Overloaded here goes back to the ingress as itself
+        yield [{"replica": self.replica}]
+        finished = False
+        try:
+            while not finished:
+                # Everything that is already there in one message: under load a message carries
+                # several tokens instead of one Ray object per token.
+                events = [await sink.queue.get()]
+                while not sink.queue.empty():
+                    events.append(sink.queue.get_nowait())
+                out = []
+                for ev in events:
+                    if ev.error is not None:
+                        finished = True
+                        raise ev.error
+                    out.append({"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
+                                "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens})
+                    if ev.finish_reason is not None:
+                        finished = True
+                        break
+                yield out
+        finally:
+            if not finished:
+                engine.cancel(request.request_id)
 
     def stats(self) -> dict:
         return {"replica": self.replica, **self.rt.engine.stats(), "resident": sorted(self.rt.engine.resident)}
@@ -162,12 +184,13 @@ class RayEngine(Engine):
 
         try:
             replica = None
-            async for item in response:
-                if "replica" in item:
-                    replica = item["replica"]
-                    continue
-                yield TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
-                                 item["completion_tokens"], replica=replica)
+            async for batch in response:
+                for item in batch:
+                    if "replica" in item:
+                        replica = item["replica"]
+                        continue
+                    yield TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
+                                     item["completion_tokens"], replica=replica)
         except RayTaskError as e:  # raised inside the replica: its own error (an instance of the cause too)
             cause = e.as_instanceof_cause()
             raise (cause if isinstance(cause, Exception) and not isinstance(cause, RayTaskError) else
