@@ -2,7 +2,8 @@
 
     hotpeft bench --ray [--clients 16] [--duration 30] [--max-tokens 32] [--adapters 32] [--zipf 1.1]
 
-For each replica count it starts `hotpeft serve --ray --replicas N` on the same adapters, warms
+For the single-process server (the baseline) and for `hotpeft serve --ray --replicas N`, N = 1
+and 2, on the same adapters, it warms
 it up for a third of the duration, then drives `--clients` streams that pick adapters by Zipf
 popularity, and reports aggregate tok/s, TTFT p50/p95, the requests and cold loads per replica,
 the resident hit rate (requests that reached a replica which had already served, and so held,
@@ -72,12 +73,14 @@ def _measure(args, adapters_dir: Path, models: list[str], weights: list[float], 
         models_cache = Path(args.home).expanduser() / "models"
         if models_cache.is_dir():
             (home / "models").symlink_to(models_cache)
-        server_args = ["--ray", "--replicas", str(replicas), "--adapters-dir", str(adapters_dir)]
+        # replicas 0: the single-process server, the baseline without Ray
+        server_args = (["--ray", "--replicas", str(replicas)] if replicas else []) + ["--adapters-dir",
+                                                                                       str(adapters_dir)]
         if args.model:
             server_args += ["--model", args.model]
         with LocalServer(server_args, home / "server.log", {"HOTPEFT_HOME": str(home)}) as server:
             # Every replica up: /health answers from the ingress before the engine replicas are.
-            asyncio.run(_drive(server.url, ["base"], [1.0], replicas * 2, 3, 2, seed=1))
+            asyncio.run(_drive(server.url, ["base"], [1.0], max(1, replicas) * 2, 3, 2, seed=1))
             seen: set[tuple[str, str]] = set()
             warm, _ = asyncio.run(_drive(server.url, models, weights, args.clients, args.duration / 3,
                                          args.max_tokens, seed=2))
@@ -99,15 +102,15 @@ def _measure(args, adapters_dir: Path, models: list[str], weights: list[float], 
             seen.add(key)
             cluster.add(r["model"])
     ttft = [r["ttft"] for r in timed]
-    per_replica = Counter(r["replica"] for r in timed)
+    per_replica = Counter(r["replica"] or "-" for r in timed)
     return {
         "replicas": replicas, "requests": len(timed), "wall_s": round(wall, 1),
         "tok_s": round(sum(r["tokens"] for r in timed) / wall, 1),
         "ttft_p50_ms": round(float(np.percentile(ttft, 50)) * 1000, 1),
         "ttft_p95_ms": round(float(np.percentile(ttft, 95)) * 1000, 1),
         "requests_per_replica": dict(per_replica),
-        "cold_loads_warmup_per_replica": dict(loads_warmup),
-        "cold_loads_timed_per_replica": dict(cold),
+        "cold_loads_warmup_per_replica": {k or "-": v for k, v in loads_warmup.items()},
+        "cold_loads_timed_per_replica": {k or "-": v for k, v in cold.items()},
         "resident_hit_rate": round(hits / len(timed), 3) if timed else None,
         # of the requests for an adapter some replica already held, the share routed to such a replica
         "affinity_hit_rate": round(1 - misplaced / known, 3) if known else None,
@@ -128,7 +131,7 @@ def run(args) -> dict:
         for i, name in enumerate(models):
             write_lora(adapters_dir / name, config, source.model_id, rank=8, targets=ALL_LINEAR, seed=300 + i)
         weights = [1.0 / (rank + 1) ** args.zipf for rank in range(len(models))]
-        runs = [_measure(args, adapters_dir, models, weights, n) for n in (1, 2)]
+        runs = [_measure(args, adapters_dir, models, weights, n) for n in (0, 1, 2)]
     return {"machine": machine(), "adapters": args.adapters, "zipf": args.zipf, "clients": args.clients,
             "duration_s": args.duration, "max_tokens": args.max_tokens, "runs": runs}
 
@@ -144,6 +147,7 @@ def table(result: dict) -> str:
         per = ", ".join(str(r["requests_per_replica"][k]) for k in reps)
         cold = ", ".join(f"{r['cold_loads_warmup_per_replica'].get(k, 0)} / {r['cold_loads_timed_per_replica'].get(k, 0)}"
                          for k in reps)
-        lines.append(f"| {r['replicas']} | {r['requests']} | {r['tok_s']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | "
+        label = r["replicas"] or "no Ray"
+        lines.append(f"| {label} | {r['requests']} | {r['tok_s']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | "
                      f"{per} | {cold} | {r['resident_hit_rate']:.1%} | {r['affinity_hit_rate']:.1%} |")
     return "\n".join(lines)

@@ -225,10 +225,15 @@ def build_ingress_app():
 
 def deployments(settings: Settings):
     """The application: the ingress bound to N engine replicas."""
-    replica = serve.deployment(EngineReplica, name=REPLICA, num_replicas=settings.replicas, ray_actor_options={
-        "num_cpus": 0, "runtime_env": {"env_vars": {SETTINGS_ENV: settings_json(settings, keys=False)}}})
+    # Serve's default of 5 requests at once per replica would starve the continuous batch: a replica
+    # takes what its engine can run or queue, the ingress what all of them can.
+    per_replica = settings.max_num_seqs + settings.max_queue
+    replica = serve.deployment(
+        EngineReplica, name=REPLICA, num_replicas=settings.replicas, max_ongoing_requests=per_replica,
+        ray_actor_options={"num_cpus": 0,
+                           "runtime_env": {"env_vars": {SETTINGS_ENV: settings_json(settings, keys=False)}}})
 
-    @serve.deployment(name="Ingress", ray_actor_options={
+    @serve.deployment(name="Ingress", max_ongoing_requests=per_replica * settings.replicas, ray_actor_options={
         "num_cpus": 0, "runtime_env": {"env_vars": {SETTINGS_ENV: settings_json(settings, keys=True)}}})
     @serve.ingress(build_ingress_app)
     class Ingress:
