@@ -15,6 +15,12 @@ def ray_server(tiny_dirs, tmp_path_factory):
     server = ServerProcess(["--ray", "--replicas", "2", "--model", str(tiny_dirs["base"]), "--adapters-dir",
                             str(tiny_dirs["adapters"]), "--dtype", "float32"], tmp_path_factory.mktemp("ray-home"),
                            start_timeout=300)
+    # /health answers from the ingress; the engine replicas come up on their own time.
+    from conftest import wait_for
+
+    wait_for(lambda: len(_engine_replica_pids()) == 2, 180, what="two engine replicas")
+    wait_for(lambda: httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": "base", "prompt": "x", "max_tokens": 1}).status_code == 200, 120, what="serving")
     yield server
     server.stop()
 
