@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from hotpeft.server.config import Settings
@@ -81,13 +81,10 @@ class Lifecycle:
     draining: bool = False
     drain_started: float | None = None
     in_flight: int = 0
-    on_drain: list = field(default_factory=list)  # callbacks run when the drain begins
 
     def begin_drain(self) -> None:
         if not self.draining:
             self.draining, self.drain_started = True, time.monotonic()
-            for cb in self.on_drain:
-                cb()
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
