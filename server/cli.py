@@ -61,15 +61,17 @@ def serve(args: argparse.Namespace) -> int:
     # begins its own shutdown; the grace here only bounds writing their last bytes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=10)
-    server = _draining_server(uvicorn, config, app, settings.drain_timeout)
+    server = _draining_server(config, app, settings.drain_timeout)
     server.run()
     # uvicorn logs a failed start-up (model or adapter errors) and returns; report it as a failed start.
     return 0 if server.started else 3
 
 
-def _draining_server(uvicorn, config, app, drain_timeout: float):
+def _draining_server(config, app, drain_timeout: float):
     import signal
     import time
+
+    import uvicorn
 
     log = logging.getLogger("hotpeft.server")
 
