@@ -44,6 +44,8 @@ class AdapterVersion:
     key: str
     adapter: ParsedAdapter
     record: VersionRecord | None = None
+    # A mix's exact recipe ([(name@N, weight)], strategy, density): enough for another process to build it.
+    recipe: tuple | None = None
 
     @property
     def kind(self) -> str:
@@ -142,7 +144,8 @@ class AdapterCatalog:
                 e.param = e.param or param
                 raise
 
-        return AdapterVersion(key, self.cache.get_or_load(key, build))
+        return AdapterVersion(key, self.cache.get_or_load(key, build),
+                              recipe=(tuple((s.label, s.weight) for s in recipe), strategy, density))
 
     def _recipe(self, sources: list[tuple[str, float]], strategy: str, density, param: str) -> list[Source]:
         recipe = []

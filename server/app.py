@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None, runtime_builder=build_runtime) 
         engine, catalog = runtime.engine, runtime.catalog
         engine.start()
         # Deleted versions leave the engine once no running request uses them.
-        catalog.on_removed.append(lambda keys: engine.call(lambda: engine.release(keys)))
+        catalog.on_removed.append(engine.forget)
         catalog.watch()
         runtime.jobs.start()
         app.state.runtime = runtime

@@ -6,6 +6,10 @@ Every name starts with `hotpeft_`. The `adapter` label is a registry name, the b
 Request metrics are observed by the routes (`RequestTracker`), queue wait and step figures by
 the engine (`EngineObserver`), and gauges are read from the engine, the CPU tier and the job
 records when Prometheus scrapes.
+
+Behind Ray Serve (`by_replica`) the ingress's request metrics carry a `replica` label, the engine
+replica that generated the answer (`none` when none did), and `remote` adds every engine
+replica's own families with its `replica` label (server/ray_board.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 # From a GPU's milliseconds to a CPU's seconds per long request.
@@ -25,14 +29,19 @@ TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OUTCOMES = ("ok", "client_error", "server_error", "cancelled", "rejected")
 UNKNOWN, MIX, OTHER = "unknown", "mix", "other"
+ENGINE_FAMILIES = ("hotpeft_engine_step_duration_seconds", "hotpeft_engine_batch_size", "hotpeft_queue_wait_seconds")
 WINDOW_S = 600  # what the dashboard shows: the last ten minutes, in 10-second buckets
 BUCKET_S = 10
 
 
 class Metrics:
     def __init__(self, *, base_id: str, max_adapters: int, info: dict[str, str],
-                 gauges: Callable[[], list[GaugeMetricFamily]] = lambda: []):
+                 gauges: Callable[[], list[GaugeMetricFamily]] = lambda: [], by_replica: bool = False):
         self.base_id = base_id
+        self.by_replica = by_replica
+        # Behind Ray Serve: the other processes' families, each with the labels that tell them apart.
+        self.remote: Callable[[], list[tuple[dict[str, str], list]]] | None = None
+        self.labels: dict[str, str] = {}  # and this process's own, added to its families when rendering
         self.max_adapters = max_adapters
         self._names: set[str] = set()
         self._lock = threading.Lock()
@@ -41,13 +50,16 @@ class Metrics:
         self.recent_steps: deque[tuple[float, int]] = deque(maxlen=200_000)
         r = self.registry = CollectorRegistry()
         a = ["adapter"]
+        q = ["adapter"]  # observed by the engine, wherever it runs
+        if by_replica:
+            a = ["adapter", "replica"]
         self.request_latency = Histogram("hotpeft_request_duration_seconds", "End-to-end request latency",
                                          a + ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("hotpeft_time_to_first_token_seconds", "Time to first token", a,
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("hotpeft_inter_token_latency_seconds", "Time between tokens of one choice", a,
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("hotpeft_queue_wait_seconds", "Time from submission to a sequence slot", a,
+        self.queue_wait = Histogram("hotpeft_queue_wait_seconds", "Time from submission to a sequence slot", q,
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_len = Histogram("hotpeft_request_prompt_tokens", "Prompt tokens per request", a,
                                     buckets=TOKEN_BUCKETS, registry=r)
@@ -78,6 +90,21 @@ class Metrics:
                 self._names.add(name)
                 return name
         return OTHER
+
+    def own_families(self) -> list:
+        """This process's families that have samples; behind Ray Serve, not the engine's (the
+        ingress runs none: its empty engine histograms would only add zeros)."""
+        skip = ENGINE_FAMILIES if self.by_replica else ()
+        return [f for f in self.registry.collect() if f.samples and f.name not in skip]
+
+    def render(self) -> bytes:
+        """The Prometheus text of this process, and of the engine replicas behind it if any."""
+        if self.remote is None:
+            return generate_latest(self.registry)
+        from hotpeft.server.ray_board import labelled
+
+        families = labelled([(self.labels, self.own_families()), *self.remote()])
+        return generate_latest(_Fixed(families))
 
     def track(self, endpoint: str) -> RequestTracker:
         return RequestTracker(self, endpoint)
@@ -111,6 +138,16 @@ class Metrics:
         return {"now": now, "window_s": WINDOW_S, "bucket_s": BUCKET_S, "series": series, "batch": batch}
 
 
+class _Fixed:
+    """Families already collected, in the shape generate_latest reads."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
 class _Gauges:
     """Read at scrape time, so they are never stale."""
 
@@ -128,6 +165,7 @@ class RequestTracker:
         self.m = metrics
         self.endpoint = endpoint
         self.adapter = UNKNOWN
+        self.replica = "none"  # behind Ray Serve: the engine replica that answers, once it is known
         self.t0 = time.perf_counter()
         self._first: float | None = None
         self._last: dict[int, float] = {}
@@ -136,38 +174,40 @@ class RequestTracker:
     def resolved(self, adapter) -> None:
         self.adapter = self.m.label(adapter)
 
+    def _by(self) -> tuple[str, ...]:
+        return (self.adapter, self.replica) if self.m.by_replica else (self.adapter,)
+
     def tokens(self, choice: int, n: int) -> None:
         if not n:
             return
         now = time.perf_counter()
         if self._first is None:
             self._first = now
-            self.m.ttft.labels(self.adapter).observe(now - self.t0)
+            self.m.ttft.labels(*self._by()).observe(now - self.t0)
         last = self._last.get(choice)
         if last is not None:
             gap = (now - last) / n
             for _ in range(n):
-                self.m.itl.labels(self.adapter).observe(gap)
+                self.m.itl.labels(*self._by()).observe(gap)
         self._last[choice] = now
 
     def finish(self, outcome: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         if self._done:
             return
         self._done = True
-        m, a = self.m, self.adapter
+        m, by = self.m, self._by()
         e2e = time.perf_counter() - self.t0
-        m.requests.labels(a, self.endpoint, outcome).inc()
-        m.request_latency.labels(a, self.endpoint).observe(e2e)
+        m.requests.labels(*by, self.endpoint, outcome).inc()
+        m.request_latency.labels(*by, self.endpoint).observe(e2e)
         if outcome == "ok":
-            m.recent.append((time.time(), a, None if self._first is None else self._first - self.t0, e2e,
+            m.recent.append((time.time(), self.adapter, None if self._first is None else self._first - self.t0, e2e,
                              completion_tokens))
-        if outcome == "ok":
-            m.prompt_len.labels(a).observe(prompt_tokens)
-            m.output_len.labels(a).observe(completion_tokens)
+            m.prompt_len.labels(*by).observe(prompt_tokens)
+            m.output_len.labels(*by).observe(completion_tokens)
         if prompt_tokens:
-            m.prompt_tokens.labels(a).inc(prompt_tokens)
+            m.prompt_tokens.labels(*by).inc(prompt_tokens)
         if completion_tokens:
-            m.generation_tokens.labels(a).inc(completion_tokens)
+            m.generation_tokens.labels(*by).inc(completion_tokens)
 
     def failed(self, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         from hotpeft.server.errors import describe

@@ -11,24 +11,25 @@ preferably to a replica that already holds that adapter; base requests go to any
 replica has its own model, engine and residency tiers and watches the shared registry, so an
 adapter registered through any process is served everywhere within one poll.
 
-Work in progress (issue 8): weighted mixes, load/unload and per-replica metrics through the
-ingress are not wired yet.
+What the ingress needs from every replica (stats, residency, metrics; load and unload on all of
+them) goes through a board actor, server/ray_board.py.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
 import signal
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from hotpeft.server.config import Settings
+from hotpeft.server.ray_board import INGRESS as INGRESS_ROLE, REPLICA as REPLICA_ROLE, BoardView, Poster, board
 from hotpeft.server.engine.base import (
     Engine, EngineFailure, EventSink, GenerationRequest, Overloaded, ReplicaUnavailable, SamplingParams,
     TokenEvent,
@@ -40,11 +41,12 @@ SETTINGS_ENV = "HOTPEFT_RAY_SETTINGS"  # the settings as JSON, handed to every r
 APP_NAME = "hotpeft"
 REPLICA = "EngineReplica"
 BASE_ID = ""  # the multiplexed id of base-only requests: no adapter to prefer a replica for
+MAX_RECIPES = 256  # mix recipes a replica remembers (a mix is rebuilt from its recipe when asked again)
 
 
 def settings_json(settings: Settings, *, keys: bool) -> str:
     """The settings for a replica's process; the keys only for the ingress (engine replicas take no HTTP)."""
-    data = settings.model_dump(mode="json", exclude={"api_key", "admin_key", "ray", "replicas", "ray_address"})
+    data = settings.model_dump(mode="json", exclude={"api_key", "admin_key", "ray", "ray_address"})
     if keys:
         data["api_key"] = [k.get_secret_value() for k in settings.api_key]
         data["admin_key"] = [k.get_secret_value() for k in settings.admin_key]
@@ -63,35 +65,52 @@ class EngineReplica:
         from hotpeft.server.runtime import build_runtime
 
         settings = _settings_from_env()
-        self.rt = build_runtime(settings)
+        self.rt = build_runtime(settings, report_jobs=False)  # the ingress reports the jobs
         engine, catalog = self.rt.engine, self.rt.catalog
         engine.start()
-        catalog.on_removed.append(lambda keys: engine.call(lambda: engine.release(keys)))
+        catalog.on_removed.append(engine.forget)
         catalog.watch()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self._recipes: OrderedDict[str, tuple] = OrderedDict()  # mix key -> recipe, for `adapter`
+        self.poster = Poster(APP_NAME, self.replica, REPLICA_ROLE, self._state, self._execute)
+        self.poster.start()
         log.info("replica %s serving %s", self.replica, self.rt.base.model_id)
 
     @serve.multiplexed(max_num_models_per_replica=64)
-    async def adapter(self, key: str):
-        """The adapter version in the CPU tier and, for a LoRA, resident in the engine."""
+    async def adapter(self, key: str) -> str:
+        """Serve's routing table: the adapter versions this replica holds. Loads the version into
+        the CPU tier and, for a LoRA, into the engine; the weights stay in those tiers (their LRU
+        decides), Serve's cache holds only the key."""
+        version = await self._version(key)
+        if version.kind == "lora":
+            await self.rt.engine.load(version)
+        return key
+
+    async def _version(self, key: str):
         from hotpeft.adapters.errors import AdapterNotFound
 
+        catalog = self.rt.catalog
+        if key.startswith("mix:"):
+            sources, strategy, density = self._recipes[key]
+            return await asyncio.to_thread(catalog.mix, list(sources), strategy, density=density)
         try:
-            record = self.rt.catalog.resolve(key).record
+            record = catalog.resolve(key).record
         except AdapterNotFound:  # the ingress saw a version this replica's poll has not seen yet
-            await asyncio.to_thread(self.rt.catalog.refresh)
-            record = self.rt.catalog.resolve(key).record
-        if record is None:
-            return None
-        version = await asyncio.to_thread(self.rt.catalog.load, record)
-        if version.kind == "lora":
-            engine = self.rt.engine
-            await asyncio.wrap_future(engine.call(lambda: engine.make_resident(version)))
-        return version
+            await asyncio.to_thread(catalog.refresh)
+            record = catalog.resolve(key).record
+        return await asyncio.to_thread(catalog.load, record)
 
-    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+    async def generate(self, payload: dict) -> AsyncIterator[list[dict]]:
         key = serve.get_multiplexed_model_id()
-        adapter = await self.adapter(key) if key else None
+        adapter = None
+        if key:
+            if payload.get("recipe"):
+                self._recipes[key] = payload["recipe"]
+                self._recipes.move_to_end(key)
+                while len(self._recipes) > MAX_RECIPES:
+                    self._recipes.popitem(last=False)
+            await self.adapter(key)
+            adapter = await self._version(key)
         request = GenerationRequest(payload["prompt_ids"], SamplingParams(**payload["params"]), adapter)
         engine = self.rt.engine
         sink = EventSink(asyncio.get_running_loop())
@@ -120,31 +139,75 @@ class EngineReplica:
             if not finished:
                 engine.cancel(request.request_id)
 
-    def stats(self) -> dict:
-        return {"replica": self.replica, **self.rt.engine.stats(), "resident": sorted(self.rt.engine.resident)}
+    def _state(self) -> tuple[dict, list]:
+        """What this replica posts to the board every second."""
+        engine, catalog = self.rt.engine, self.rt.catalog
+        stats = engine.stats()
+        stats.update(generation=catalog.snapshot.generation, registry_problem=catalog.registry_problem,
+                     resident=sorted(engine.resident), pinned=sorted(engine.bank.pinned.copy()),
+                     cpu=sorted(catalog.cache.keys()))
+        return stats, [f for f in self.rt.metrics.registry.collect() if f.samples]
+
+    def _execute(self, command: dict) -> dict:
+        """A board command (from the poster's thread): load / unload on this replica."""
+        catalog, engine = self.rt.catalog, self.rt.engine
+        if command["op"] == "load":
+            key, pin = command["key"], command["pin"]
+            version = asyncio.run(self._version(key))
+            if pin:
+                catalog.cache.pin(key, version.adapter)
+            return {"changed": engine.call(lambda: engine.make_resident(version, pin)).result(timeout=120)}
+        if command["op"] == "unload":
+            keys = set(command["keys"])
+            dropped = {k for k in keys if catalog.cache.drop(k)}
+            return {"unloaded": sorted(engine.call(lambda: engine.release(keys)).result(timeout=120) | dropped)}
+        raise ValueError(f"unknown board command {command['op']!r}")
 
 
-class _NoBank:
-    pinned: frozenset = frozenset()
+class _Pins:
+    """`engine.bank.pinned` of the ingress: what any engine replica has pinned."""
+
+    def __init__(self, view: BoardView):
+        self.view = view
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(k for stats in self.view.replicas().values() for k in stats.get("pinned", ()))
+
+
+SUMMED = ("running", "waiting", "slots", "kv_tokens", "kv_bytes", "steps", "tokens", "failed_steps", "resident_loras",
+          "resident_lora_bytes")
 
 
 class RayEngine(Engine):
-    """The ingress's engine: every request goes to a replica; the HTTP layer sees no difference."""
+    """The ingress's engine: every request goes to a replica; the HTTP layer sees no difference.
 
-    def __init__(self, handle, limits) -> None:
+    Stats, residency and pins are the engine replicas' own, as last posted on the board (at most
+    about a second old); load and unload run on every engine replica up at that moment."""
+
+    def __init__(self, handle, limits, view: BoardView, target: int) -> None:
         self.handle = handle
         self.limits = limits
-        self.bank = _NoBank()
-        self.resident: frozenset[str] = frozenset()
+        self.view = view
+        self.target = target
+        self.bank = _Pins(view)
         self.adapter_counts = {"hits": 0, "misses": 0, "loads": 0, "evictions": 0, "load_failures": 0}
         self.observer = None
         self._open: dict[int, object] = {}
-        self._ids = itertools.count()
+
+    @property
+    def resident(self) -> frozenset[str]:
+        return frozenset(k for stats in self.view.replicas().values() for k in stats.get("resident", ()))
+
+    def placement(self, key: str) -> dict[str, str]:
+        return {replica: "device" if key in stats.get("resident", ()) else "cpu" if key in stats.get("cpu", ()) else
+                "disk" for replica, stats in sorted(self.view.replicas().items())}
 
     def start(self) -> None:
-        pass
+        self.view.start()
 
     def stop(self) -> None:
+        self.view.stop()
         for response in list(self._open.values()):
             response.cancel()
 
@@ -156,24 +219,48 @@ class RayEngine(Engine):
         if response is not None:
             response.cancel()
 
-    def call(self, fn):
-        raise EngineFailure("load and unload act on one replica's engine; through Ray each replica keeps its own "
-                            "residency (adapters load on their first request)")
-
     def stats(self) -> dict:
-        return {"running": len(self._open), "waiting": 0, "slots": 0, "slot_len": 0, "kv_tokens": 0, "kv_bytes": 0,
-                "steps": 0, "tokens": 0, "failed_steps": 0, "resident_loras": 0, "resident_lora_bytes": 0,
-                "alive": True, "stalled_s": 0.0}
+        replicas = self.view.replicas()
+        out = {k: sum(r.get(k, 0) for r in replicas.values()) for k in SUMMED}
+        out["slot_len"] = max((r.get("slot_len", 0) for r in replicas.values()), default=0)
+        out["alive"] = any(r.get("alive") for r in replicas.values())
+        out["stalled_s"] = max((r.get("stalled_s", 0.0) for r in replicas.values()), default=0.0)
+        out["replicas"] = {"up": len(replicas), "target": self.target, "ids": sorted(replicas),
+                           "registry_generation": {rid: r.get("generation") for rid, r in sorted(replicas.items())},
+                           "resident": {rid: r.get("resident", []) for rid, r in sorted(replicas.items())}}
+        out["in_flight"] = len(self._open)
+        return out
+
+    async def _everywhere(self, command: dict) -> dict[str, dict]:
+        if not self.view.replicas():
+            raise ReplicaUnavailable("no engine replica is up to run this; retry when /ready says ready")
+        answers = await asyncio.to_thread(self.view.command, command, 120.0)
+        for replica, answer in sorted(answers.items()):
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
+
+    async def load(self, version, pin: bool = False) -> bool:
+        if version.kind != "lora":
+            return False
+        answers = await self._everywhere({"op": "load", "key": version.key, "pin": pin})
+        return any(a["changed"] for a in answers.values())
+
+    async def unload(self, keys: set[str]) -> set[str]:
+        answers = await self._everywhere({"op": "unload", "keys": sorted(keys)})
+        return {k for a in answers.values() for k in a["unloaded"]}
+
+    def forget(self, keys: set[str]) -> None:
+        pass  # every engine replica watches the registry and forgets deleted versions itself
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if request.adapter is not None and request.adapter.key.startswith("mix:"):
-            raise EngineFailure("weighted adapter mixes are not served through Ray yet; register the merge "
-                                "(POST /v1/adapters/merge) and call it by name")
         key = BASE_ID if request.adapter is None else request.adapter.key
         p = request.params
         payload = {"prompt_ids": request.prompt_ids,
                    "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
                               "seed": p.seed, "stop": list(p.stop), "ignore_eos": p.ignore_eos}}
+        if request.adapter is not None and request.adapter.recipe is not None:
+            payload["recipe"] = request.adapter.recipe  # a mix: the replica builds it from the same versions
         response = self.handle.options(multiplexed_model_id=key, stream=True).generate.remote(payload)
         self._open[request.request_id] = response
         return self._events(request.request_id, response)
@@ -208,19 +295,35 @@ class RayEngine(Engine):
 
 
 def build_ingress_app():
-    """The FastAPI app of the ingress replica (called by Ray Serve in that replica's process)."""
+    """The FastAPI app of an ingress replica (called by Ray Serve in that replica's process)."""
     from hotpeft.server.app import create_app
     from hotpeft.server.engine.batching import EngineLimits
     from hotpeft.server.runtime import build_runtime
 
     settings = _settings_from_env()
     handle = serve.get_deployment_handle(REPLICA, APP_NAME)
+    me = _replica_id()
 
     def runtime(s: Settings):
         limits = EngineLimits(max_queue=s.max_queue, max_resident_adapter_bytes=s.max_resident_adapter_bytes)
-        return build_runtime(s, engine=RayEngine(handle, limits))
+        view = BoardView(APP_NAME)
+        rt = build_runtime(s, engine=RayEngine(handle, limits, view, s.replicas))
+
+        # /metrics: this ingress's own families fresh, the other processes' as last posted.
+        rt.metrics.labels = {"ingress": me}
+        rt.metrics.remote = lambda: [({role: source}, families)
+                                     for source, (role, _, families) in view.parts.items() if source != me]
+        Poster(APP_NAME, me, INGRESS_ROLE, lambda: ({}, rt.metrics.own_families())).start()
+        return rt
 
     return create_app(settings, runtime_builder=runtime)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests): the process id tells processes apart
+        return f"pid{os.getpid()}"
 
 
 def deployments(settings: Settings):
@@ -273,6 +376,10 @@ def run(settings: Settings) -> int:
         closer = threading.Thread(target=serve.shutdown, daemon=True)
         closer.start()
         closer.join(settings.drain_timeout + 10)
+        try:  # the board is detached (it outlives replicas): take it down with the app
+            ray.kill(board(APP_NAME), no_restart=True)
+        except Exception:  # noqa: BLE001 - the cluster is going down anyway
+            pass
         ray.shutdown()
     return 0
 

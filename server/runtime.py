@@ -56,9 +56,10 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def build_runtime(settings: Settings, engine=None) -> Runtime:
+def build_runtime(settings: Settings, engine=None, report_jobs: bool = True) -> Runtime:
     """The model, catalogue, engine, jobs and metrics. `engine`: use this one instead of a local
-    BatchEngine (Ray Serve's ingress hands generation to replicas)."""
+    BatchEngine (Ray Serve's ingress hands generation to replicas). `report_jobs`: export the
+    training jobs' gauges (an engine replica behind Ray leaves that to the ingress)."""
     device = basemodel.default_device() if settings.device == "auto" else torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise basemodel.ModelUnavailable("--device cuda was given, but no CUDA device is available")
@@ -88,13 +89,16 @@ def build_runtime(settings: Settings, engine=None) -> Runtime:
                               max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
         engine = BatchEngine(base.model, base.tokenizer, bank, kv, basemodel.eos_ids(base), limits)
     jobs = make_job_manager(settings, catalog)
-    metrics = make_metrics(settings, base, engine, catalog, jobs)
+    # Behind Ray Serve the engine replicas report the engine's gauges; the ingress, its requests per replica.
+    metrics = make_metrics(settings, base, engine, catalog, jobs, engine_gauges=local, job_gauges=report_jobs,
+                           by_replica=not local)
     engine.observer = EngineObserver(metrics)
     return Runtime(settings, base, catalog, engine, jobs, metrics, int(time.time()))
 
 
 def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEngine, catalog: AdapterCatalog,
-                 jobs: JobManager) -> Metrics:
+                 jobs: JobManager, *, engine_gauges: bool = True, job_gauges: bool = True,
+                 by_replica: bool = False) -> Metrics:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -103,8 +107,18 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
         release = "unknown"
 
     def gauges() -> list:
+        generation = GaugeMetricFamily("hotpeft_registry_generation", "The registry generation this process serves "
+                                       "(it changes with every registration, promotion and deletion)")
+        generation.add_metric([], catalog.snapshot.generation)
+        out = [generation]
+        if job_gauges:
+            states = GaugeMetricFamily("hotpeft_training_jobs", "Fine-tuning jobs by state", labels=["state"])
+            for state, n in jobs.store.count_by_status().items():
+                states.add_metric([state], n)
+            out.append(states)
+        if not engine_gauges:
+            return out
         stats = engine.stats()
-        out = []
         for name, doc, value in (
             ("hotpeft_requests_running", "Requests decoding now", stats["running"]),
             ("hotpeft_requests_waiting", "Requests waiting for a sequence slot", stats["waiting"]),
@@ -123,9 +137,6 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
         size = GaugeMetricFamily("hotpeft_resident_adapter_bytes", "Adapter bytes held per tier", labels=["tier"])
         size.add_metric(["device"], stats["resident_lora_bytes"])
         size.add_metric(["cpu"], catalog.cache.nbytes())
-        states = GaugeMetricFamily("hotpeft_training_jobs", "Fine-tuning jobs by state", labels=["state"])
-        for state, n in jobs.store.count_by_status().items():
-            states.add_metric([state], n)
         events = []
         for key, doc in (("loads", "Adapters loaded into a tier"), ("evictions", "Adapters evicted from a tier (LRU)"),
                          ("hits", "Adapter lookups that found it in the tier"),
@@ -140,11 +151,12 @@ def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEn
         failures.add_metric(["device"], engine.adapter_counts["load_failures"])
         failures.add_metric(["cpu"], catalog.load_failures)
         events.append(failures)
-        return out + [count, size, states] + events
+        return out + [count, size] + events
 
     info = {"version": release, "base_model": base.model_id, "quantization": base.quantization,
             "device": str(base.device)}
-    return Metrics(base_id=base.model_id, max_adapters=settings.metrics_max_adapters, info=info, gauges=gauges)
+    return Metrics(base_id=base.model_id, max_adapters=settings.metrics_max_adapters, info=info, gauges=gauges,
+                   by_replica=by_replica)
 
 
 def make_job_manager(settings: Settings, catalog: AdapterCatalog) -> JobManager:

@@ -209,6 +209,8 @@ class AdapterVersionPublic(BaseModel):
     active: bool
     residency: Literal["disk", "cpu", "device"]  # where its weights are now (never merged into the base)
     pinned: bool
+    # Behind Ray Serve: the residency on each engine replica (`residency` is the best of them).
+    replicas: dict[str, Literal["disk", "cpu", "device"]] | None = None
     base_model: str
     base_fingerprint: str
     rank: int | None

@@ -11,9 +11,16 @@ CHAT = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_dirs, tmp_path_factory):
+def shared(postgres_server, tmp_path_factory):
+    """One PostgreSQL registry and one adapter store for every process of these tests."""
+    return {"registry": postgres_server(), "store": tmp_path_factory.mktemp("shared-store")}
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_dirs, shared, tmp_path_factory):
     server = ServerProcess(["--ray", "--replicas", "2", "--model", str(tiny_dirs["base"]), "--adapters-dir",
-                            str(tiny_dirs["adapters"]), "--dtype", "float32"], tmp_path_factory.mktemp("ray-home"),
+                            str(tiny_dirs["adapters"]), "--dtype", "float32", "--registry-url", shared["registry"],
+                            "--store-dir", str(shared["store"])], tmp_path_factory.mktemp("ray-home"),
                            start_timeout=300)
     # /health answers from the ingress; the engine replicas come up on their own time.
     from conftest import wait_for
@@ -21,6 +28,16 @@ def ray_server(tiny_dirs, tmp_path_factory):
     wait_for(lambda: len(_engine_replica_pids()) == 2, 180, what="two engine replicas")
     wait_for(lambda: httpx.post(server.url + "/v1/completions", timeout=120, json={
         "model": "base", "prompt": "x", "max_tokens": 1}).status_code == 200, 120, what="serving")
+    wait_for(lambda: httpx.get(server.url + "/ready").json()["status"] == "ready", 60, what="both replicas on the board")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def second_server(tiny_dirs, shared, tmp_path_factory):
+    """A single-process server on the same registry and store: another writer of the catalogue."""
+    server = ServerProcess(["--model", str(tiny_dirs["base"]), "--dtype", "float32", "--registry-url",
+                            shared["registry"], "--store-dir", str(shared["store"])], tmp_path_factory.mktemp("home-b"))
     yield server
     server.stop()
 
@@ -40,14 +57,29 @@ def test_greedy_output_through_ray_equals_the_single_process_server(ray_server, 
     assert streamed == whole.choices[0].text
 
 
-def test_requests_for_one_adapter_stay_on_one_replica(ray_server):
+def test_requests_for_one_adapter_stay_on_one_replica(ray_server, extra_adapters):
+    """Once a replica holds an adapter (and Serve's routers have heard so), its requests go there."""
+    from conftest import wait_for
+
+    folder = extra_adapters["lora-qk"]
+    files = [("files", (f.name, f.read_bytes())) for f in folder.iterdir() if f.is_file()]
+    names = ("affinity-a", "affinity-b")
+    for name in names:
+        r = httpx.post(ray_server.url + "/v1/adapters", data={"name": name}, files=files, timeout=60)
+        assert r.status_code == 201, r.text
+        r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                       json={"model": name, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        # The board hears of the load after Serve's routers do (a second's posting against 0.1 s).
+        wait_for(lambda: "device" in httpx.get(ray_server.url + f"/v1/adapters/{name}").json()["versions"][0]
+                 ["replicas"].values(), 15, what=f"{name} resident on a replica")
     seen: dict[str, set[str]] = {}
     for _ in range(6):
-        for model in ("lora-attn", "lora-mlp"):
+        for name in names:
             r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
-                           json={"model": model, "prompt": "x", "max_tokens": 2})
+                           json={"model": name, "prompt": "x", "max_tokens": 2})
             assert r.status_code == 200, r.text
-            seen.setdefault(model, set()).add(r.headers["x-hotpeft-replica"])
+            seen.setdefault(name, set()).add(r.headers["x-hotpeft-replica"])
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
 
 
@@ -59,6 +91,132 @@ def test_an_adapter_registered_through_the_ingress_is_served(ray_server, extra_a
     r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
                    json={"model": "fresh", "prompt": "x", "max_tokens": 3})
     assert r.status_code == 200 and r.headers["x-hotpeft-adapter"] == "fresh@1", r.text
+
+
+def _ready(server) -> dict:
+    return httpx.get(server.url + "/ready", timeout=30).json()
+
+
+def _samples(server, name: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def _count(server, name: str, **labels) -> float:
+    return sum(s.value for s in _samples(server, name) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_ready_counts_the_engine_replicas(ray_server):
+    ready = _ready(ray_server)
+    assert ready["status"] == "ready", ready
+    replicas = ready["engine"]["replicas"]
+    assert replicas["up"] == 2 and replicas["target"] == 2 and len(replicas["ids"]) == 2, replicas
+    assert ready["engine"]["slots"] > 0  # summed over the replicas, not the ingress's empty engine
+
+
+def test_metrics_carry_the_replica_label(ray_server):
+    from conftest import wait_for
+
+    replicas = set(_ready(ray_server)["engine"]["replicas"]["ids"])
+    text = httpx.get(ray_server.url + "/metrics", timeout=30).text
+    # one declaration per family even though several processes report it
+    assert text.count("# TYPE hotpeft_engine_step_duration_seconds histogram") == 1
+    # every engine replica's own families, told apart by `replica`
+    steps = {s.labels["replica"] for s in _samples(ray_server, "hotpeft_engine_step_duration_seconds_count")}
+    assert steps == replicas
+    generations = {s.labels["replica"] for s in _samples(ray_server, "hotpeft_registry_generation") if "replica" in s.labels}
+    assert generations == replicas
+    # a request is counted under the replica that answered it (any ingress may answer the scrape)
+    labels = {"adapter": "lora-mlp", "endpoint": "completions", "outcome": "ok"}
+    before = {r: _count(ray_server, "hotpeft_requests_total", replica=r, **labels) for r in replicas}
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                   json={"model": "lora-mlp", "prompt": "x", "max_tokens": 2})
+    served = r.headers["x-hotpeft-replica"]
+    assert served in replicas
+    wait_for(lambda: _count(ray_server, "hotpeft_requests_total", replica=served, **labels) == before[served] + 1,
+             15, what="the request counted under its replica")
+    assert all(_count(ray_server, "hotpeft_requests_total", replica=o, **labels) == before[o]
+               for o in replicas - {served})
+
+
+def test_a_mix_through_ray_equals_the_single_process_mix(ray_server, client):
+    from openai import OpenAI
+
+    through_ray = OpenAI(base_url=ray_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    mix = {"adapters": [{"name": "lora-attn", "weight": 0.7}, {"name": "lora-mlp", "weight": 0.3}],
+           "merge_strategy": "cat"}
+    want = client.completions.create(model="tiny-llama", prompt="count", max_tokens=8, temperature=0, extra_body=mix)
+    for _ in range(2):  # built on first use, then from the replica's tiers
+        got = through_ray.completions.create(model="tiny-llama", prompt="count", max_tokens=8, temperature=0,
+                                             extra_body=mix)
+        assert got.choices[0].text == want.choices[0].text
+
+
+def test_load_pin_and_unload_act_on_every_replica(ray_server):
+    from conftest import wait_for
+
+    def placement() -> dict:
+        return httpx.get(ray_server.url + "/v1/adapters/lora-mlp", timeout=30).json()["versions"][0]
+
+    r = httpx.post(ray_server.url + "/v1/adapters/lora-mlp/load", json={"pin": True}, timeout=120)
+    assert r.status_code == 200 and r.json()["pinned"] is True, r.text
+    wait_for(lambda: set(placement()["replicas"].values()) == {"device"} and len(placement()["replicas"]) == 2, 15,
+             what="lora-mlp on every replica's device")
+    assert placement()["pinned"] is True
+    r = httpx.post(ray_server.url + "/v1/adapters/lora-mlp/unload", timeout=120)
+    assert r.status_code == 200 and r.json()["changed"] is True, r.text
+    wait_for(lambda: "device" not in placement()["replicas"].values() and not placement()["pinned"], 15,
+             what="lora-mlp off every replica's device")
+
+
+def test_the_registry_is_shared_with_another_server(ray_server, second_server, extra_adapters, figure):
+    """Registered and deleted through another process: the Ray endpoint follows within seconds."""
+    import time
+
+    from conftest import wait_for
+
+    folder = extra_adapters["lora-r4"]
+    files = [("files", (f.name, f.read_bytes())) for f in folder.iterdir() if f.is_file()]
+    r = httpx.post(second_server.url + "/v1/adapters", data={"name": "elsewhere"}, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    t0 = time.monotonic()
+    generation = _count(second_server, "hotpeft_registry_generation")
+
+    def served() -> bool:
+        r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                       json={"model": "elsewhere", "prompt": "x", "max_tokens": 2})
+        assert r.status_code in (200, 404), r.text
+        return r.status_code == 200 and r.headers["x-hotpeft-adapter"] == "elsewhere@1"
+
+    wait_for(served, 10, interval=0.05, what="the Ray endpoint serving the new adapter")
+    served_s = time.monotonic() - t0
+    wait_for(lambda: all(g == generation for g in _ready(ray_server)["engine"]["replicas"]["registry_generation"]
+                         .values()), 10, interval=0.05, what="every replica on the new registry generation")
+    everywhere_s = time.monotonic() - t0
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                   json={"model": "elsewhere", "prompt": "x", "max_tokens": 2})
+    holder = r.headers["x-hotpeft-replica"]
+    wait_for(lambda: httpx.get(ray_server.url + "/v1/adapters/elsewhere").json()["versions"][0]["replicas"][holder]
+             == "device", 15, what="the adapter resident on the replica that served it")
+
+    t1 = time.monotonic()
+    assert httpx.delete(second_server.url + "/v1/adapters/elsewhere", timeout=60).status_code == 200
+    wait_for(lambda: httpx.post(ray_server.url + "/v1/completions", timeout=120, json={
+        "model": "elsewhere", "prompt": "x", "max_tokens": 2}).status_code == 404, 10, interval=0.05,
+             what="the deleted adapter refused")
+    refused_s = time.monotonic() - t1
+    gone = _samples(second_server, "hotpeft_registry_generation")[0].value
+    wait_for(lambda: _ready(ray_server)["engine"]["replicas"]["registry_generation"][holder] == gone, 10,
+             what="the holder on the generation without it")
+    wait_for(lambda: "elsewhere@1" not in _resident(ray_server, holder), 10, what="evicted from its holder")
+    figure("ray_shared_registry", served_after_s=round(served_s, 2), every_replica_after_s=round(everywhere_s, 2),
+           refused_after_delete_s=round(refused_s, 2))
+
+
+def _resident(server, replica: str) -> list[str]:
+    return _ready(server)["engine"]["replicas"]["resident"][replica]
 
 
 def _engine_replica_pids() -> list[int]:

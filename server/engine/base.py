@@ -93,6 +93,22 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict: ...
 
+    @abc.abstractmethod
+    async def load(self, version: AdapterVersion, pin: bool = False) -> bool:
+        """Make a LoRA version resident (`pin`: never evicted); False when nothing changed."""
+
+    @abc.abstractmethod
+    async def unload(self, keys: set[str]) -> set[str]:
+        """Unpin these versions and unload them unless running requests use them; the keys unloaded."""
+
+    def placement(self, key: str) -> dict[str, str] | None:
+        """Where each replica holds this version (disk / cpu / device); None for a single engine."""
+        return None
+
+    @abc.abstractmethod
+    def forget(self, keys: set[str]) -> None:
+        """Deleted versions: out of the engine as soon as no running request uses them (not waited for)."""
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Submit now (so `Overloaded` is raised here, before any response is sent) and return the
         request's event stream. Closing the stream early cancels the request; so does `cancel`.

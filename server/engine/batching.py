@@ -16,6 +16,7 @@ Requests that find no free slot wait; past `max_queue` waiting requests `submit`
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -150,6 +151,15 @@ class BatchEngine(Engine):
             self._calls.append((fn, future))
             self._cond.notify()
         return future
+
+    async def load(self, version: AdapterVersion, pin: bool = False) -> bool:
+        return await asyncio.wrap_future(self.call(lambda: self.make_resident(version, pin)))
+
+    async def unload(self, keys: set[str]) -> set[str]:
+        return await asyncio.wrap_future(self.call(lambda: self.release(keys)))
+
+    def forget(self, keys: set[str]) -> None:
+        self.call(lambda: self.release(keys))
 
     @torch.inference_mode()  # the bank's stacks are inference tensors (made in `_admit`)
     def make_resident(self, av: AdapterVersion, pin: bool = False) -> bool:

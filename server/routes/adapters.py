@@ -45,7 +45,7 @@ def _version_public(rt: Runtime, r: VersionRecord) -> AdapterVersionPublic:
     snap = rt.catalog.snapshot
     return AdapterVersionPublic(
         name=r.name, version=r.version, kind=r.kind, active=snap.active.get(r.name) == r.version,
-        residency=_residency(rt, r.key), pinned=r.key in rt.engine.bank.pinned or r.key in rt.catalog.cache.pinned,
+        residency=_residency(rt, r.key), replicas=rt.engine.placement(r.key), pinned=r.key in rt.engine.bank.pinned or r.key in rt.catalog.cache.pinned,
         base_model=r.base_model, base_fingerprint=r.base_fingerprint, rank=r.rank, alpha=r.alpha,
         target_modules=r.target_modules, num_virtual_tokens=r.num_virtual_tokens, size_bytes=r.size_bytes,
         sha256=r.sha256, created=int(r.created), source=r.source, source_detail=r.source_detail, metrics=r.metrics,
@@ -237,7 +237,7 @@ async def load(name: str, rt: RuntimeDep, body: AdapterResidency | None = None) 
     try:
         if body.pin:
             rt.catalog.cache.pin(av.key, av.adapter)
-        loaded = await asyncio.wrap_future(engine.call(lambda: engine.make_resident(av, body.pin)))
+        loaded = await engine.load(av, body.pin)
     except Exception:
         if body.pin:
             rt.catalog.cache.unpin(av.key)
@@ -255,7 +255,7 @@ async def unload(name: str, rt: RuntimeDep, body: AdapterResidency | None = None
     record = _record(rt, name, body.version)
     engine = rt.engine
     dropped = rt.catalog.cache.drop(record.key)
-    unloaded = await asyncio.wrap_future(engine.call(lambda: engine.release({record.key})))
+    unloaded = await engine.unload({record.key})
     return ResidencyChange(name=record.name, version=record.version, residency=_residency(rt, record.key),
                            pinned=False, changed=dropped or bool(unloaded))
 

@@ -89,6 +89,7 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
         async for i, ev in run_choices(rt, choices):
             if ev.replica:
                 replicas.add(ev.replica)
+                tracker.replica = ev.replica
             texts[i] += ev.text
             completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))
@@ -137,6 +138,7 @@ async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_ch
         async for i, ev in run_choices(rt, choices):
             if ev.replica and ev.replica not in replicas:  # Ray Serve: an SSE comment, which clients skip
                 replicas.add(ev.replica)
+                tracker.replica = ev.replica
                 yield f": hotpeft-replica {ev.replica}\n\n"
             completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))

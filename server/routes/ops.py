@@ -4,7 +4,7 @@ from importlib import resources
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from hotpeft.server.deps import RuntimeDep
 
@@ -27,23 +27,29 @@ async def ready(request: Request):
     reason = None
     if request.app.state.lifecycle.draining:
         reason = "draining"
+    elif stats.get("replicas") and not stats["replicas"]["up"]:  # behind Ray Serve, as posted within seconds
+        reason = f"no engine replica is up (0 of {stats['replicas']['target']})"
     elif not stats["alive"]:
         reason = "engine stopped"
     elif stats["stalled_s"] > runtime.settings.stall_timeout:
         reason = f"engine stalled: no step for {stats['stalled_s']:.0f} s with work waiting (--stall-timeout)"
+    replicas = stats.get("replicas")
     http = {"in_flight": request.app.state.lifecycle.in_flight}
     if reason:
         return JSONResponse({"status": "not ready", "reason": reason, "engine": stats, "http": http}, status_code=503)
     problem = runtime.catalog.registry_problem
     if problem:  # still serving what it knows: stay in rotation, say what is wrong
         return {"status": "degraded", "reason": f"registry unreachable: {problem}", "engine": stats, "http": http}
+    if replicas and replicas["up"] < replicas["target"]:
+        return {"status": "degraded", "reason": f"{replicas['up']} of {replicas['target']} engine replicas are up",
+                "engine": stats, "http": http}
     return {"status": "ready", "engine": stats, "http": http}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format; names prefixed hotpeft_ (see server/metrics.py)."""
-    body = await asyncio.to_thread(generate_latest, rt.metrics.registry)
+    body = await asyncio.to_thread(rt.metrics.render)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
