@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model and its adapters on disk, and real servers on 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -198,3 +199,38 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@contextlib.contextmanager
+def prometheus_scraping(server, tmp_path: Path, prometheus: str):
+    """A real Prometheus with deploy/'s config and rules, scraping `server` every second; yields
+    (query(promql) -> result list, API base URL)."""
+    import httpx
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    config = (deploy / "prometheus/prometheus.yml").read_text()
+    config = config.replace('"hotpeft:8000"', f'"127.0.0.1:{server.port}"').replace("scrape_interval: 5s",
+                                                                                    "scrape_interval: 1s")
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(deploy / "prometheus/alerts.yml", tmp_path / "alerts.yml")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def query(q: str) -> list:
+        try:
+            r = httpx.get(api + "/query", params={"query": q}, timeout=5)
+        except httpx.TransportError:
+            return []
+        return r.json()["data"]["result"] if r.status_code == 200 else []
+
+    try:
+        wait_for(lambda: query('up{job="hotpeft"} == 1'), 60, what="Prometheus scraping the test server")
+        yield query, api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
-
-from hotpeft.server.localserver import free_port
+from conftest import prometheus_scraping, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 METRIC = re.compile(r"\bhotpeft_[a-z_]+")
@@ -57,28 +55,7 @@ def test_every_metric_the_dashboard_and_alerts_query_exists(tiny_server, client)
 
 
 def test_a_real_prometheus_scrapes_and_answers_p95_ttft_per_adapter(tiny_server, client, tmp_path):
-    prometheus = _tool("prometheus")
-    config = (DEPLOY / "prometheus/prometheus.yml").read_text()
-    config = config.replace('"hotpeft:8000"', f'"127.0.0.1:{tiny_server.port}"').replace("scrape_interval: 5s",
-                                                                                         "scrape_interval: 1s")
-    (tmp_path / "prometheus.yml").write_text(config)
-    shutil.copy(DEPLOY / "prometheus/alerts.yml", tmp_path / "alerts.yml")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api/v1"
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-
-    def query(q: str) -> list:
-        try:
-            r = httpx.get(api + "/query", params={"query": q}, timeout=5)
-        except httpx.TransportError:
-            return []
-        return r.json()["data"]["result"] if r.status_code == 200 else []
-
-    try:
-        wait_for(lambda: query('up{job="hotpeft"} == 1'), 60, what="Prometheus scraping the test server")
+    with prometheus_scraping(tiny_server, tmp_path, _tool("prometheus")) as (query, api):
         time.sleep(1.5)  # one scrape before the traffic, so that rate() sees it
         for _ in range(3):
             for model in ("tiny-llama", "lora-attn", "soft"):
@@ -94,10 +71,6 @@ def test_a_real_prometheus_scrapes_and_answers_p95_ttft_per_adapter(tiny_server,
         rules = httpx.get(api + "/rules").json()["data"]["groups"][0]["rules"]
         assert {r["name"] for r in rules} >= {"HotpeftTTFTHigh", "HotpeftQueueGrowing", "HotpeftAdapterLoadFailures"}
         assert all(r["health"] != "err" for r in rules), rules  # "unknown" until their first evaluation
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _lint_tool(name: str) -> str:

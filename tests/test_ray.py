@@ -215,6 +215,42 @@ def test_the_registry_is_shared_with_another_server(ray_server, second_server, e
            refused_after_delete_s=round(refused_s, 2))
 
 
+def test_a_real_prometheus_aggregates_across_replicas(ray_server, tmp_path):
+    """The Grafana dashboard's queries, on a real Prometheus scraping the Ray endpoint: latency per
+    adapter summed over the replicas, requests per replica."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from conftest import prometheus_scraping, wait_for
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus; scripts/install.sh --test)")
+    board = json.loads((Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/hotpeft.json").read_text())
+    panel = lambda title: next(p for p in board["panels"] if p["title"] == title)  # noqa: E731
+    everything = lambda expr: (expr.replace("$adapter", ".*").replace("$replica", ".*")  # noqa: E731
+                               .replace("$__rate_interval", "1m"))
+    with prometheus_scraping(ray_server, tmp_path, prometheus) as (query, _):
+        time.sleep(1.5)  # one scrape before the traffic, so that rate() sees it
+        served = set()
+        for _ in range(3):
+            for model in ("lora-attn", "affinity-a", "affinity-b", "tiny-llama"):
+                r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                               json={"model": model, "prompt": "x", "max_tokens": 3})
+                assert r.status_code == 200, r.text
+                served.add(r.headers["x-hotpeft-replica"])
+            time.sleep(0.5)
+        ttft = everything(panel("Time to first token p50 / p95")["targets"][1]["expr"])
+        result = wait_for(lambda: (r := query(ttft)) and {"lora-attn", "affinity-a", "tiny-llama"} <= {
+            x["metric"]["adapter"] for x in r if x["value"][1] != "NaN"} and r, 30, what="p95 TTFT per adapter")
+        assert all("replica" not in x["metric"] for x in result)  # one series per adapter, over every replica
+        per_replica = everything(panel("Requests/s per engine replica")["targets"][0]["expr"])
+        wait_for(lambda: {x["metric"].get("replica") for x in query(per_replica) if float(x["value"][1]) > 0}
+                 >= served, 30, what="requests per replica")
+
+
 def _resident(server, replica: str) -> list[str]:
     return _ready(server)["engine"]["replicas"]["resident"][replica]
 
