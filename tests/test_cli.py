@@ -35,3 +35,9 @@ def test_unreachable_hub_id_says_so(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = hotpeft("serve", "--model", "someone/some-model", "--home", str(tmp_path / "home"), "--port", "1", env=env)
     assert r.returncode != 0 and "hub could not provide it" in r.stderr and "local model directory" in r.stderr
+
+
+def test_an_object_storage_url_as_store_is_refused_not_made_a_folder(tmp_path):
+    r = hotpeft("serve", "--store-dir", "s3://bucket/adapters", "--home", str(tmp_path / "home"), "--port", "1")
+    assert r.returncode == 2 and "--store-dir 's3://bucket/adapters' is a URL" in r.stderr and "mount" in r.stderr
+    assert not (tmp_path / "s3:").exists() and not __import__("pathlib").Path("s3:").exists()
