@@ -113,7 +113,7 @@ def _measure(args, adapters_dir: Path, models: list[str], weights: list[float], 
         "cold_loads_timed_per_replica": {k or "-": v for k, v in cold.items()},
         "resident_hit_rate": round(hits / len(timed), 3) if timed else None,
         # of the requests for an adapter some replica already held, the share routed to such a replica
-        "affinity_hit_rate": round(1 - misplaced / known, 3) if known else None,
+        "affinity_hit_rate": round(1 - misplaced / known, 3) if known and replicas else None,
         "duplicate_loads": misplaced,
     }
 
@@ -148,6 +148,7 @@ def table(result: dict) -> str:
         cold = ", ".join(f"{r['cold_loads_warmup_per_replica'].get(k, 0)} / {r['cold_loads_timed_per_replica'].get(k, 0)}"
                          for k in reps)
         label = r["replicas"] or "no Ray"
+        affinity = "—" if r["affinity_hit_rate"] is None else f"{r['affinity_hit_rate']:.1%}"
         lines.append(f"| {label} | {r['requests']} | {r['tok_s']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | "
-                     f"{per} | {cold} | {r['resident_hit_rate']:.1%} | {r['affinity_hit_rate']:.1%} |")
+                     f"{per} | {cold} | {r['resident_hit_rate']:.1%} | {affinity} |")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ log = logging.getLogger("hotpeft.ray")
 
 NAMESPACE = "hotpeft"
 PERIOD_S = 1.0
-STALE_S = 10.0
+STALE_S = 5.0
 REPLICA, INGRESS = "replica", "ingress"  # the roles of the processes that post
 COMMAND_TTL_S = 120.0
 

@@ -45,8 +45,12 @@ MAX_RECIPES = 256  # mix recipes a replica remembers (a mix is rebuilt from its 
 
 
 def settings_json(settings: Settings, *, keys: bool) -> str:
-    """The settings for a replica's process; the keys only for the ingress (engine replicas take no HTTP)."""
+    """The settings for a replica's process. The keys and `--adapters-dir` only for the ingress:
+    engine replicas take no HTTP, and one process registering the folders is enough (several
+    registering the same folder at once could each add a version)."""
     data = settings.model_dump(mode="json", exclude={"api_key", "admin_key", "ray", "ray_address"})
+    if not keys:
+        data["adapters_dir"] = None
     if keys:
         data["api_key"] = [k.get_secret_value() for k in settings.api_key]
         data["admin_key"] = [k.get_secret_value() for k in settings.admin_key]

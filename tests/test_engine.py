@@ -189,6 +189,28 @@ def test_cancelled_requests_release_their_rows(rt):
     assert (stats["running"], stats["waiting"], stats["kv_tokens"]) == (0, 0, 0) and stats["alive"]
 
 
+def test_a_lora_released_while_in_use_leaves_when_its_last_request_ends(rt):
+    """A deleted (or unloaded) version that running requests use stays for them, then goes: it
+    is not left in the engine until some later eviction."""
+    prompt = rt.tokenizer("release me")["input_ids"]
+    request = make_request(rt, "lora-attn", prompt, 12)
+    key = request.adapter.key
+
+    async def scenario():
+        stream = rt.engine.generate(request)
+        first = await stream.__anext__()
+        released = await rt.engine.unload({key})
+        during = key in rt.engine.resident
+        rest = [ev async for ev in stream]
+        await _tokens(rt, make_request(rt, None, prompt, 2))  # a later step: the finished row is gone
+        return first, released, during, rest
+
+    first, released, during, rest = asyncio.run(scenario())
+    assert released == set() and during  # in use: it stays for the running request
+    assert sum(len(ev.token_ids) for ev in [first, *rest]) == 12  # which finishes on it
+    assert key not in rt.engine.resident and key not in rt.engine.bank.pinned
+
+
 def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, tmp_path_factory):
     rt2 = make_runtime(tiny_dirs, tmp_path_factory, max_num_seqs=2, max_queue=5)
     assert rt2.engine.stats()["slots"] == 2

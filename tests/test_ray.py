@@ -157,13 +157,19 @@ def test_a_mix_through_ray_equals_the_single_process_mix(ray_server, client):
 def test_load_pin_and_unload_act_on_every_replica(ray_server):
     from conftest import wait_for
 
-    def placement() -> dict:
-        return httpx.get(ray_server.url + "/v1/adapters/lora-mlp", timeout=30).json()["versions"][0]
-
     r = httpx.post(ray_server.url + "/v1/adapters/lora-mlp/load", json={"pin": True}, timeout=120)
     assert r.status_code == 200 and r.json()["pinned"] is True, r.text
-    wait_for(lambda: set(placement()["replicas"].values()) == {"device"} and len(placement()["replicas"]) == 2, 15,
-             what="lora-mlp on every replica's device")
+    version = r.json()["version"]
+
+    def placement() -> dict:
+        versions = httpx.get(ray_server.url + "/v1/adapters/lora-mlp", timeout=30).json()["versions"]
+        return next(v for v in versions if v["version"] == version)
+
+    try:
+        wait_for(lambda: set(placement()["replicas"].values()) == {"device"} and len(placement()["replicas"]) == 2,
+                 15, what="lora-mlp on every replica's device")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {placement()} {_ready(ray_server)} {r.json()}") from None
     assert placement()["pinned"] is True
     r = httpx.post(ray_server.url + "/v1/adapters/lora-mlp/unload", timeout=120)
     assert r.status_code == 200 and r.json()["changed"] is True, r.text
@@ -262,46 +268,92 @@ def _engine_replica_pids() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:hotpeft:EngineReplica" in line]
 
 
-def test_a_replica_killed_mid_stream(ray_server):
-    """Its stream ends with a 503 in OpenAI's error shape; new requests are served; Ray restarts it."""
+def _pid_of(replica: str) -> int:
+    """The process of one engine replica: the one that holds that replica's Serve log open."""
+    import os
+
+    for pid in _engine_replica_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(f"_EngineReplica_{replica}.log"):
+                    return pid
+            except OSError:
+                pass
+    raise AssertionError(f"no process holds the log of replica {replica}")
+
+
+def test_a_replica_killed_mid_stream(ray_server, extra_adapters, figure):
+    """Its stream ends with a 503 in OpenAI's error shape, new requests go to the other replica,
+    Ray restarts it, and the new replica serves what was registered meanwhile."""
     import os
     import signal
+    import time
 
     from conftest import wait_for
 
     before = _engine_replica_pids()
     assert len(before) == 2
-    lines = []
+    lines, victim = [], None
     body = {"model": "lora-attn", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", ray_server.url + "/v1/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if not line:
                 continue
             lines.append(line)
+            if line.startswith(": hotpeft-replica "):
+                victim = line.split()[-1]
             if len(lines) == 3:
-                for pid in before:  # both: whichever runs the stream is gone
-                    os.kill(pid, signal.SIGKILL)
+                os.kill(_pid_of(victim), signal.SIGKILL)
+                killed_at = time.monotonic()
     assert '"replica_unavailable"' in lines[-1] and '"error"' in lines[-1], lines[-1]
-    for _ in range(5):  # right after the loss: served by a restarted replica, or a clean 503 to retry
+    survivor = next(r for r in _ready(ray_server)["engine"]["replicas"]["ids"] if r != victim)
+    statuses = []
+
+    def served_by_the_survivor() -> bool:
         r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
                        json={"model": "lora-attn", "prompt": "x", "max_tokens": 2})
-        assert r.status_code in (200, 503), r.text
+        assert r.status_code in (200, 503), r.text  # a clean 503 to retry while Serve learns of the loss
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "replica_unavailable"
-    wait_for(lambda: len(set(_engine_replica_pids()) - set(before)) == 2, 120, what="both replicas restarted")
-    wait_for(lambda: httpx.post(ray_server.url + "/v1/completions", timeout=120, json={
-        "model": "lora-attn", "prompt": "x", "max_tokens": 2}).status_code == 200, 120, what="serving again")
+        statuses.append(r.status_code)
+        return r.status_code == 200 and r.headers["x-hotpeft-replica"] == survivor
+
+    wait_for(served_by_the_survivor, 60, interval=0.1, what="the adapter served by the other replica")
+    failover_s = time.monotonic() - killed_at
+    folder = extra_adapters["lora-r4"]
+    files = [("files", (f.name, f.read_bytes())) for f in folder.iterdir() if f.is_file()]
+    r = httpx.post(ray_server.url + "/v1/adapters", data={"name": "while-down"}, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    wait_for(lambda: len(set(_engine_replica_pids()) - set(before)) == 1, 120, what="the killed replica restarted")
+    # The lost replica leaves the board once it has missed its posts for a few seconds.
+    ids = wait_for(lambda: (ids := _ready(ray_server)["engine"]["replicas"]["ids"]) and len(ids) == 2
+                   and victim not in ids and ids, 120, what="the restarted replica on the board, the lost one gone")
+    restarted_s = time.monotonic() - killed_at
+    newcomer = next(r for r in ids if r != survivor)
+    r = httpx.post(ray_server.url + "/v1/adapters/while-down/load", timeout=120)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: httpx.get(ray_server.url + "/v1/adapters/while-down").json()["versions"][0]["replicas"]
+             .get(newcomer) == "device", 15, what="the new replica holding the adapter registered while it was down")
+    figure("ray_replica_killed", failover_s=round(failover_s, 2), requests_until_failover=len(statuses),
+           answered_503=statuses.count(503), restarted_and_posting_after_s=round(restarted_s, 1))
 
 
-def test_an_unreachable_ray_address_is_a_clear_error_at_once(tiny_dirs, tmp_path):
+def test_an_unreachable_ray_address_is_a_clear_error_at_once(tiny_dirs, tmp_path, figure):
     import subprocess
     import sys
+    import time
 
     from hotpeft.server.localserver import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--ray", "--ray-address", address,
                            "--model", str(tiny_dirs["base"])], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HOTPEFT_HOME": str(tmp_path)})
     assert proc.returncode == 3
     assert f"cannot reach the Ray cluster at --ray-address {address}" in proc.stderr
+    figure("ray_unreachable_address", exit_status=proc.returncode, seconds=round(time.monotonic() - t0, 1))

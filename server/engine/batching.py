@@ -93,6 +93,7 @@ class BatchEngine(Engine):
         self._abort: str | None = None  # set by abort_all: fail everything now, keep running
         self._beat = time.monotonic()  # the loop's last sign of progress (wake-up or finished step)
         self.resident: frozenset[str] = frozenset()  # LoRA keys in the bank; republished by the worker
+        self._unload_when_idle: set[str] = set()  # released while running requests used them
         self._running: list[Sequence] = []  # index == slot
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -183,17 +184,20 @@ class BatchEngine(Engine):
         self.bank.touch(av.key)
         if pin:
             self.bank.pinned.add(av.key)
+        self._unload_when_idle.discard(av.key)
         return loaded
 
     @torch.inference_mode()
     def release(self, keys: set[str]) -> set[str]:
         """Worker only. Unpin and unload these LoRAs, except those running requests still use (they
-        stay until evicted). Returns the keys unloaded."""
+        go as soon as the last of those requests ends). Returns the keys unloaded now."""
         in_use = {s.lora_key for s in self._running}
         done = set()
         for key in keys:
             self.bank.pinned.discard(key)
-            if key not in in_use and self.bank.unload(key):
+            if key in in_use:
+                self._unload_when_idle.add(key)  # out once its last running request ends (`_compact`)
+            elif self.bank.unload(key):
                 done.add(key)
         self._publish()
         return done
@@ -516,3 +520,10 @@ class BatchEngine(Engine):
             self.kv.move(s.slot, hole, s.kv_len)
             s.slot = hole
         self._running = sorted(alive, key=lambda s: s.slot)
+        if self._unload_when_idle:
+            idle = self._unload_when_idle - {s.lora_key for s in alive}
+            for key in idle:
+                self.bank.unload(key)
+            self._unload_when_idle -= idle
+            if idle:
+                self._publish()
