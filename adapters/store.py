@@ -10,6 +10,11 @@ last, and renamed into objects/ in one step: a reader finds it whole or not at a
 killed before the rename leaves only a staging folder, which the next `open` removes once its
 process is gone; one killed after the rename but before its registry row leaves an object no
 version names, which `collect_garbage` removes after a grace period.
+
+`MirroredStore` (`--store-url`) adds a shared copy at an fsspec URL (s3://, gs://, file://...):
+every object stored is uploaded there, manifest last, and an object missing or damaged in the
+local store is fetched from there and checked against its key before use. Servers on several
+machines then share adapters with no shared filesystem: each keeps a local store as its cache.
 """
 from __future__ import annotations
 
@@ -105,6 +110,10 @@ class AdapterStore:
         return self.objects / key[:2] / key
 
     def exists(self, key: str) -> bool:
+        return self._stored(key)
+
+    def _stored(self, key: str) -> bool:
+        """Whole in this (local) store."""
         return (self.path(key) / MANIFEST_FILE).is_file()
 
     @staticmethod
@@ -133,7 +142,7 @@ class AdapterStore:
             raise AdapterInvalid(f"an adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
         target = self.path(key)
         stored = StoredObject(key, digests[WEIGHTS_FILE], size)
-        if self.exists(key):
+        if self._stored(key):
             if self._intact(target, digests):
                 os.utime(target)  # fresh again for the garbage collector's grace period
                 return stored
@@ -153,7 +162,7 @@ class AdapterStore:
         try:
             os.rename(staged, target)
         except OSError:
-            if not self.exists(key):  # not a concurrent writer of the same content: a real failure
+            if not self._stored(key):  # not a concurrent writer of the same content: a real failure
                 raise
         _fsync(target.parent)
         failpoint("store.after-rename")
@@ -198,3 +207,69 @@ class AdapterStore:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(key)
         return removed
+
+
+class MirroredStore(AdapterStore):
+    """A local store whose objects are also kept at an fsspec URL shared by every process."""
+
+    def __init__(self, root: Path, url: str):
+        import fsspec
+
+        super().__init__(root)
+        self.url = url
+        self.fs, base = fsspec.core.url_to_fs(url)
+        self.base = base.rstrip("/")
+
+    def _remote(self, key: str) -> str:
+        self.path(key)  # validates the key
+        return f"{self.base}/objects/{key[:2]}/{key}"
+
+    def _remote_exists(self, key: str) -> bool:
+        return self.fs.exists(f"{self._remote(key)}/{MANIFEST_FILE}")
+
+    def put(self, staged: Path, manifest: dict) -> StoredObject:
+        stored = super().put(staged, manifest)
+        if not self._remote_exists(stored.key):
+            local, remote = self.path(stored.key), self._remote(stored.key)
+            self.fs.makedirs(remote, exist_ok=True)  # object stores have no folders; a file system needs them
+            for name in STORED_FILES:
+                if (local / name).is_file():
+                    self.fs.put_file(str(local / name), f"{remote}/{name}")
+            self.fs.put_file(str(local / MANIFEST_FILE), f"{remote}/{MANIFEST_FILE}")  # last: complete
+        return stored
+
+    def exists(self, key: str) -> bool:
+        return super().exists(key) or self._remote_exists(key)
+
+    def verified_folder(self, key: str, weights_sha256: str) -> Path:
+        try:
+            return super().verified_folder(key, weights_sha256)
+        except AdapterUnavailable:
+            if not self._fetch(key):
+                raise
+        return super().verified_folder(key, weights_sha256)
+
+    def _fetch(self, key: str) -> bool:
+        """Copy the shared object into the local store; False when the shared store lacks it."""
+        remote = self._remote(key)
+        try:
+            manifest = json.loads(self.fs.cat_file(f"{remote}/{MANIFEST_FILE}"))
+        except FileNotFoundError:
+            return False
+        with self.staging() as staged:
+            for name in manifest.get("files", {}):
+                if name not in STORED_FILES:
+                    raise AdapterUnavailable(f"the shared store's object {key[:12]} lists a file {name!r} "
+                                             "that adapters do not have")
+                self.fs.get_file(f"{remote}/{name}", str(staged / name))
+            extra = {k: v for k, v in manifest.items() if k not in ("key", "files", "size_bytes")}
+            stored = AdapterStore.put(self, staged, extra)  # the key is recomputed from the content
+        if stored.key != key:
+            raise AdapterUnavailable(f"the shared store's object {key[:12]} holds other content "
+                                     f"({stored.key[:12]}); re-register the adapter")
+        return True
+
+
+def open_store(root: Path, url: str | None = None) -> AdapterStore:
+    """The local store at `root`, mirrored to `url` (fsspec) when one is given."""
+    return AdapterStore(root) if not url else MirroredStore(root, url)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     registry_url: str | None = Field(
         None, description="SQLAlchemy URL of the adapter registry (default: SQLite registry.db in the home); a "
                           "postgresql+psycopg:// URL lets several servers and training jobs share one catalogue")
+    store_url: str | None = Field(
+        None, description="fsspec URL of an adapter store shared by servers on several machines (s3://bucket/path "
+                          "needs pip install s3fs; gs://, file:///...): objects are written there too and fetched "
+                          "from there when --store-dir lacks them")
     store_dir: Path | None = Field(
         None, description="content-addressed adapter store (default: <home>/store); servers sharing a registry "
                           "must share it too")
@@ -105,10 +109,26 @@ class Settings(BaseSettings):
         if v is None:
             return None
         if "://" in str(v):  # Path would quietly turn s3://bucket into the local folder s3:/bucket
-            raise ValueError(f"--{info.field_name.replace('_', '-')} {v!r} is a URL; it must be a folder path. Object "
-                             "storage is not read directly yet: mount the bucket (s3fs, mountpoint-s3, gcsfuse) "
-                             "and give the mount's path")
+            raise ValueError(f"--{info.field_name.replace('_', '-')} {v!r} is a URL; it must be a folder path"
+                             + (" (a shared store at a URL is --store-url; --store-dir is then its local copy)"
+                                if info.field_name == "store_dir" else ""))
         return Path(v).expanduser()
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if "://" not in v:
+            raise ValueError(f"--store-url {v!r} is not a URL (s3://bucket/path, file:///path, ...); a folder is "
+                             "--store-dir")
+        import fsspec
+
+        try:
+            fsspec.core.url_to_fs(v)
+        except (ImportError, ValueError) as e:  # an unknown protocol, or its package is missing (s3fs, gcsfs)
+            raise ValueError(f"--store-url {v!r}: {e}") from None
+        return v
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

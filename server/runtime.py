@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec
+from hotpeft.adapters import AdapterCatalog, AdapterRegistry, BaseSpec
+from hotpeft.adapters.store import open_store
 from hotpeft.server import basemodel
 from hotpeft.server.config import Settings
 from hotpeft.server.engine.batching import BatchEngine, EngineLimits
@@ -164,7 +165,8 @@ def make_job_manager(settings: Settings, catalog: AdapterCatalog) -> JobManager:
     threads = settings.train_threads or max(1, (os.cpu_count() or 1) // 2)
     worker = WorkerSettings(
         model=settings.model, home=str(settings.home), registry_url=settings.registry_url,
-        store_dir=str(settings.store_dir) if settings.store_dir else None, device=settings.device, threads=threads,
+        store_dir=str(settings.store_dir) if settings.store_dir else None, store_url=settings.store_url,
+        device=settings.device, threads=threads,
         max_lora_rank=settings.max_lora_rank, allow_foreign_base=settings.allow_foreign_base,
     )
 
@@ -183,7 +185,7 @@ def open_catalog(settings: Settings, base: basemodel.LoadedBase, bank: LoraBank)
     spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), bank.linear_shapes())
     registry = AdapterRegistry(settings.registry)
     catalog = AdapterCatalog(
-        registry, AdapterStore(settings.store), spec, base.fingerprint, max_lora_rank=settings.max_lora_rank,
+        registry, open_store(settings.store, settings.store_url), spec, base.fingerprint, max_lora_rank=settings.max_lora_rank,
         allow_foreign_base=settings.allow_foreign_base, max_cpu_bytes=settings.max_cpu_adapter_bytes,
     )
     removed = catalog.collect_garbage()

@@ -469,3 +469,32 @@ def test_killed_mid_registration_leaves_it_wholly_absent(tiny_dirs, tmp_path, po
     store.collect_garbage(referenced, grace_s=0)  # an orphan from a kill after the rename is collectable
     assert set(store.keys()) == referenced
     assert os.path.isdir(home / "store" / "objects")
+
+
+def test_servers_without_a_shared_folder_share_adapters_through_a_store_url(tiny_dirs, tmp_path):
+    """Two servers, each with its own home and local store, one registry and one --store-url: an
+    adapter uploaded to one is served by the other, fetched from the shared store."""
+    from conftest import ServerProcess
+
+    shared = ["--model", str(tiny_dirs["base"]), "--dtype", "float32", "--registry-url",
+              f"sqlite:///{tmp_path / 'registry.db'}", "--store-url", f"file://{tmp_path / 'bucket'}"]
+    servers = [ServerProcess(shared, tmp_path / f"home-{i}") for i in range(2)]
+    try:
+        a, b = servers
+        folder = tiny_dirs["adapters"] / "lora-mlp"
+        files = [("files", (f.name, f.read_bytes())) for f in folder.iterdir() if f.is_file()]
+        r = httpx.post(a.url + "/v1/adapters", data={"name": "via-url"}, files=files, timeout=60)
+        assert r.status_code == 201, r.text
+        body = {"model": "via-url", "prompt": "count", "max_tokens": 6, "temperature": 0}
+        want = httpx.post(a.url + "/v1/completions", json=body, timeout=60)
+        from conftest import wait_for
+
+        # b sees the registration at its next poll of the registry (0.5 s)
+        got = wait_for(lambda: (r := httpx.post(b.url + "/v1/completions", json=body, timeout=60)).status_code == 200
+                       and r, 10, what="the other server serving the adapter")
+        assert got.headers["x-hotpeft-adapter"] == "via-url@1", got.text
+        assert got.json()["choices"][0]["text"] == want.json()["choices"][0]["text"]
+        assert list((tmp_path / "home-1" / "store" / "objects").glob("*/*/manifest.json"))  # b's local copy
+    finally:
+        for s in servers:
+            s.stop()

@@ -39,5 +39,12 @@ def test_unreachable_hub_id_says_so(tmp_path):
 
 def test_an_object_storage_url_as_store_is_refused_not_made_a_folder(tmp_path):
     r = hotpeft("serve", "--store-dir", "s3://bucket/adapters", "--home", str(tmp_path / "home"), "--port", "1")
-    assert r.returncode == 2 and "--store-dir 's3://bucket/adapters' is a URL" in r.stderr and "mount" in r.stderr
+    assert r.returncode == 2 and "--store-dir 's3://bucket/adapters' is a URL" in r.stderr and "--store-url" in r.stderr
     assert not (tmp_path / "s3:").exists() and not __import__("pathlib").Path("s3:").exists()
+
+
+def test_a_store_url_must_be_a_url_of_a_known_protocol(tmp_path):
+    r = hotpeft("serve", "--store-url", str(tmp_path / "bucket"), "--home", str(tmp_path / "home"), "--port", "1")
+    assert r.returncode == 2 and "--store-url" in r.stderr and "is not a URL" in r.stderr
+    r = hotpeft("serve", "--store-url", "nosuchproto://bucket/x", "--home", str(tmp_path / "home"), "--port", "1")
+    assert r.returncode == 2 and "--store-url 'nosuchproto://bucket/x'" in r.stderr

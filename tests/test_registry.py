@@ -101,6 +101,41 @@ def test_store_is_content_addressed_and_checked_on_load(make_catalog, tiny_dirs,
     cat.load(a)
 
 
+def test_a_store_url_shares_objects_between_local_stores(spec, tiny_dirs, tmp_path):
+    """Two processes with their own local stores and one registry: what one registers, the other
+    fetches from the shared URL, checks, and serves; damage to the shared copy is caught."""
+    from hotpeft.adapters.store import MirroredStore
+
+    url = f"file://{tmp_path / 'bucket'}"
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    made = [AdapterCatalog(AdapterRegistry(registry), MirroredStore(tmp_path / f"local-{i}", url), spec, FINGERPRINT,
+                           max_lora_rank=64) for i in range(2)]
+    try:
+        a, b = made
+        record = a.register_dir("shared", tiny_dirs["adapters"] / "lora-mlp", source="import")
+        remote = tmp_path / "bucket" / "objects" / record.store_key[:2] / record.store_key
+        assert (remote / "manifest.json").is_file() and (remote / "adapter_model.safetensors").is_file()
+        assert not b.store.path(record.store_key).exists()
+        b.refresh()
+        served = b.load(b.resolve("shared").record)
+        assert b.store.path(record.store_key).is_dir()  # fetched into b's local store
+        mine = a.load(record)
+        assert mine.adapter.lora.keys() == served.adapter.lora.keys()
+        assert all(torch.equal(mine.adapter.lora[k].B, served.adapter.lora[k].B) for k in mine.adapter.lora)
+        # a damaged shared copy is not served: its content no longer matches its key
+        b.cache.drop(record.key)
+        shutil.rmtree(b.store.path(record.store_key))
+        weights = remote / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        with pytest.raises(AdapterUnavailable, match="holds other content"):
+            b.load(record)
+    finally:
+        for cat in made:
+            cat.close()
+
+
 def test_failed_registration_changes_nothing(make_catalog, tiny_dirs, tmp_path):
     cat = make_catalog()
     cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn", source="import")

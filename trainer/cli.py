@@ -28,6 +28,7 @@ ENV_FLAGS = [
     ("home", "home directory shared with the server (model cache, registry, adapter store)"),
     ("registry_url", "SQLAlchemy URL of the registry (default: the home's registry.db)"),
     ("store_dir", "adapter store (default: <home>/store)"),
+    ("store_url", "fsspec URL of a shared adapter store (the server's --store-url)"),
     ("device", "auto, cpu or cuda"),
     ("threads", "CPU threads (default: all cores)"),
     ("max_lora_rank", "largest LoRA rank the servers accept (default 64)"),

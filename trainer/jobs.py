@@ -289,6 +289,7 @@ class WorkerSettings:
     home: str
     registry_url: str | None
     store_dir: str | None
+    store_url: str | None
     device: str
     threads: int
     max_lora_rank: int

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from hotpeft.adapters import AdapterCatalog, AdapterRegistry, AdapterStore, BaseSpec, VersionRecord
+from hotpeft.adapters import AdapterCatalog, AdapterRegistry, BaseSpec, VersionRecord
 from hotpeft.adapters.faults import failpoint
 from hotpeft.adapters.registry import default_registry_url
-from hotpeft.adapters.store import default_store_dir, pid_alive
+from hotpeft.adapters.store import default_store_dir, open_store, pid_alive
 from hotpeft.server import basemodel
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.config import TrainConfig
@@ -36,6 +36,7 @@ class TrainerEnv:
     home: Path = field(default_factory=lambda: Path("~/.hotpeft").expanduser())
     registry_url: str | None = None
     store_dir: Path | None = None
+    store_url: str | None = None
     device: str = "auto"
     threads: int | None = None
     max_lora_rank: int = 64
@@ -69,7 +70,7 @@ Events = Callable[[str, dict | None], None]
 
 def open_catalog(env: TrainerEnv, base: basemodel.LoadedBase) -> AdapterCatalog:
     spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), basemodel.linear_shapes(base.model))
-    return AdapterCatalog(AdapterRegistry(env.registry), AdapterStore(env.store), spec, base.fingerprint,
+    return AdapterCatalog(AdapterRegistry(env.registry), open_store(env.store, env.store_url), spec, base.fingerprint,
                           max_lora_rank=env.max_lora_rank, allow_foreign_base=env.allow_foreign_base,
                           max_cpu_bytes=1 << 20)
 

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             raise JobCancelled("the job was cancelled before registration")
 
     env = TrainerEnv(model=settings.model, home=Path(settings.home), registry_url=settings.registry_url,
-                     store_dir=Path(settings.store_dir) if settings.store_dir else None, device=settings.device,
+                     store_dir=Path(settings.store_dir) if settings.store_dir else None,
+                     store_url=settings.store_url, device=settings.device,
                      threads=settings.threads, max_lora_rank=settings.max_lora_rank,
                      allow_foreign_base=settings.allow_foreign_base)
     try:
