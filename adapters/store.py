@@ -228,14 +228,15 @@ class MirroredStore(AdapterStore):
         return self.fs.exists(f"{self._remote(key)}/{MANIFEST_FILE}")
 
     def put(self, staged: Path, manifest: dict) -> StoredObject:
+        """Store locally, then upload, also when the URL has the object already: registering the
+        same content again is how a damaged copy is repaired, here as in the local store."""
         stored = super().put(staged, manifest)
-        if not self._remote_exists(stored.key):
-            local, remote = self.path(stored.key), self._remote(stored.key)
-            self.fs.makedirs(remote, exist_ok=True)  # object stores have no folders; a file system needs them
-            for name in STORED_FILES:
-                if (local / name).is_file():
-                    self.fs.put_file(str(local / name), f"{remote}/{name}")
-            self.fs.put_file(str(local / MANIFEST_FILE), f"{remote}/{MANIFEST_FILE}")  # last: complete
+        local, remote = self.path(stored.key), self._remote(stored.key)
+        self.fs.makedirs(remote, exist_ok=True)  # object stores have no folders; a file system needs them
+        for name in STORED_FILES:
+            if (local / name).is_file():
+                self.fs.put_file(str(local / name), f"{remote}/{name}")
+        self.fs.put_file(str(local / MANIFEST_FILE), f"{remote}/{MANIFEST_FILE}")  # last: complete
         return stored
 
     def exists(self, key: str) -> bool:

@@ -131,6 +131,9 @@ def test_a_store_url_shares_objects_between_local_stores(spec, tiny_dirs, tmp_pa
         weights.write_bytes(bytes(data))
         with pytest.raises(AdapterUnavailable, match="holds other content"):
             b.load(record)
+        # registering the same content again (anywhere) repairs the shared copy
+        a.register_dir("again", tiny_dirs["adapters"] / "lora-mlp", source="import")
+        assert b.load(record).key == record.key
     finally:
         for cat in made:
             cat.close()
