@@ -86,20 +86,30 @@ def board(app_name: str):
                          lifetime="detached").remote()
 
 
-class Poster:
-    """In a replica: posts `state()` every PERIOD_S; an engine replica runs the commands that come back."""
+class _Every:
+    """A daemon thread that runs `_loop` until `stop`; `_loop` waits PERIOD_S on `_stop` between rounds."""
 
-    def __init__(self, app_name: str, source: str, role: str, state: Callable[[], tuple[dict, list]],
-                 execute: Callable[[dict], object] | None = None) -> None:
-        self.app_name, self.source, self.role, self.state, self.execute = app_name, source, role, state, execute
+    def __init__(self, name: str) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hotpeft-board-post", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Poster(_Every):
+    """In a replica: posts `state()` every PERIOD_S; an engine replica runs the commands that come back."""
+
+    def __init__(self, app_name: str, source: str, role: str, state: Callable[[], tuple[dict, list]],
+                 execute: Callable[[dict], object] | None = None) -> None:
+        super().__init__("hotpeft-board-post")
+        self.app_name, self.source, self.role, self.state, self.execute = app_name, source, role, state, execute
 
     def _loop(self) -> None:
         handle, seen, answers, failing = None, None, {}, False
@@ -127,21 +137,14 @@ class Poster:
             return e
 
 
-class BoardView:
+class BoardView(_Every):
     """In the ingress: the board as of at most PERIOD_S ago, read without blocking a request."""
 
     def __init__(self, app_name: str) -> None:
+        super().__init__("hotpeft-board-read")
         self.app_name = app_name
         self.parts: dict[str, tuple[str, dict, list]] = {}  # process -> (role, stats, families)
         self._handle = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hotpeft-board-read", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def replicas(self) -> dict[str, dict]:
         """The engine replicas up, and their stats."""

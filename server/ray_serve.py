@@ -153,18 +153,17 @@ class EngineReplica:
         return stats, [f for f in self.rt.metrics.registry.collect() if f.samples]
 
     def _execute(self, command: dict) -> dict:
-        """A board command (from the poster's thread): load / unload on this replica."""
-        catalog, engine = self.rt.catalog, self.rt.engine
+        """A board command (from the poster's thread): load / unload on this replica, as the
+        routes do on a single server."""
+        from hotpeft.server.runtime import hold, let_go
+
         if command["op"] == "load":
-            key, pin = command["key"], command["pin"]
-            version = asyncio.run(self._version(key))
-            if pin:
-                catalog.cache.pin(key, version.adapter)
-            return {"changed": engine.call(lambda: engine.make_resident(version, pin)).result(timeout=120)}
+            async def load() -> bool:
+                return await hold(self.rt, await self._version(command["key"]), command["pin"])
+
+            return {"changed": asyncio.run(load())}
         if command["op"] == "unload":
-            keys = set(command["keys"])
-            dropped = {k for k in keys if catalog.cache.drop(k)}
-            return {"unloaded": sorted(engine.call(lambda: engine.release(keys)).result(timeout=120) | dropped)}
+            return {"unloaded": sorted(asyncio.run(let_go(self.rt, set(command["keys"]))))}
         raise ValueError(f"unknown board command {command['op']!r}")
 
 

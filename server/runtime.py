@@ -97,6 +97,26 @@ def build_runtime(settings: Settings, engine=None, report_jobs: bool = True) -> 
     return Runtime(settings, base, catalog, engine, jobs, metrics, int(time.time()))
 
 
+async def hold(rt: Runtime, version, pin: bool = False) -> bool:
+    """Make a version resident in the engine; `pin` also keeps it in the CPU tier and from
+    eviction. A pin is undone when loading fails. False when nothing changed."""
+    if pin:
+        rt.catalog.cache.pin(version.key, version.adapter)
+    try:
+        return await rt.engine.load(version, pin)
+    except Exception:
+        if pin:
+            rt.catalog.cache.unpin(version.key)
+        raise
+
+
+async def let_go(rt: Runtime, keys: set[str]) -> set[str]:
+    """Unpin these versions and drop them from both tiers (the engine keeps what running requests
+    use until they end); the keys that left a tier."""
+    dropped = {k for k in keys if rt.catalog.cache.drop(k)}
+    return dropped | await rt.engine.unload(keys)
+
+
 def make_metrics(settings: Settings, base: basemodel.LoadedBase, engine: BatchEngine, catalog: AdapterCatalog,
                  jobs: JobManager, *, engine_gauges: bool = True, job_gauges: bool = True,
                  by_replica: bool = False) -> Metrics:

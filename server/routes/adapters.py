@@ -21,7 +21,7 @@ from hotpeft.adapters.names import parse_model_ref, validate_name
 from hotpeft.adapters.registry import VersionRecord
 from hotpeft.server.deps import RuntimeDep
 from hotpeft.server.errors import ForbiddenPath, InvalidRequest
-from hotpeft.server.runtime import Runtime
+from hotpeft.server.runtime import Runtime, hold, let_go
 from hotpeft.server.uploads import limited_form
 from hotpeft.server.schemas import (
     AdapterDeleted, AdapterImport, AdapterList, AdapterMerge, AdapterPromote, AdapterPublic, AdapterResidency,
@@ -233,17 +233,9 @@ async def load(name: str, rt: RuntimeDep, body: AdapterResidency | None = None) 
     body = body or AdapterResidency()
     record = _record(rt, name, body.version)
     av = await asyncio.to_thread(rt.catalog.load, record)
-    engine = rt.engine
-    try:
-        if body.pin:
-            rt.catalog.cache.pin(av.key, av.adapter)
-        loaded = await engine.load(av, body.pin)
-    except Exception:
-        if body.pin:
-            rt.catalog.cache.unpin(av.key)
-        raise
+    loaded = await hold(rt, av, body.pin)
     return ResidencyChange(name=record.name, version=record.version, residency=_residency(rt, av.key),
-                           pinned=body.pin or av.key in engine.bank.pinned, changed=loaded)
+                           pinned=body.pin or av.key in rt.engine.bank.pinned, changed=loaded)
 
 
 @router.post("/{name}/unload", response_model=ResidencyChange)
@@ -253,11 +245,9 @@ async def unload(name: str, rt: RuntimeDep, body: AdapterResidency | None = None
     if body.pin:
         raise InvalidRequest("unload cannot pin; use POST /v1/adapters/{name}/load with {\"pin\": true}", param="pin")
     record = _record(rt, name, body.version)
-    engine = rt.engine
-    dropped = rt.catalog.cache.drop(record.key)
-    unloaded = await engine.unload({record.key})
+    left = await let_go(rt, {record.key})
     return ResidencyChange(name=record.name, version=record.version, residency=_residency(rt, record.key),
-                           pinned=False, changed=dropped or bool(unloaded))
+                           pinned=False, changed=bool(left))
 
 
 @router.delete("/{ref}", response_model=AdapterDeleted)
