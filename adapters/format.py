@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hotpeft.adapters.errors import AdapterIncompatible, AdapterInvalid
+from hotpeft.model.arch import Architecture
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,6 +32,10 @@ class BaseSpec:
     model_id: str
     hidden_size: int
     linear_shapes: dict[str, tuple[int, int]]  # module name -> (out_features, in_features)
+
+    @classmethod
+    def of(cls, model_id: str, arch: Architecture) -> BaseSpec:
+        return cls(model_id, arch.hidden_size, arch.projection_shapes())
 
 
 @dataclass

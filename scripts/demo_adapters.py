@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from hotpeft.server.basemodel import DEFAULT_MODEL_ID, resolve_model
+from hotpeft.model.source import DEFAULT_MODEL_ID, resolve_model
 
 
 def save(peft_model, out: Path) -> None:

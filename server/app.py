@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from hotpeft.server.config import Settings
 from hotpeft.server.errors import install_error_handlers
 from hotpeft.server.guard import Guard, Lifecycle
-from hotpeft.server.routes import api_router
+from hotpeft.server.api.router import api_router
 from hotpeft.server.runtime import build_runtime
 
 log = logging.getLogger("hotpeft.server")

@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from hotpeft.adapters.registry import default_registry_url
-from hotpeft.adapters.store import default_store_dir
-from hotpeft.server.basemodel import DEFAULT_MODEL_ID
+from hotpeft.model.source import DEFAULT_MODEL_ID
+from hotpeft.trainer.env import TrainerEnv
 
 
 class Settings(BaseSettings):
@@ -165,11 +164,17 @@ class Settings(BaseSettings):
 
     @property
     def registry(self) -> str:
-        return self.registry_url or default_registry_url(self.home)
+        return self.trainer_env().registry
 
     @property
     def store(self) -> Path:
-        return self.store_dir or default_store_dir(self.home)
+        return self.trainer_env().store
+
+    def trainer_env(self, threads: int | None = None) -> TrainerEnv:
+        """What a training job of this server trains with: this server's base, registry and store."""
+        return TrainerEnv(model=self.model, home=self.home, registry_url=self.registry_url, store_dir=self.store_dir,
+                          store_url=self.store_url, device=self.device, threads=threads,
+                          max_lora_rank=self.max_lora_rank, allow_foreign_base=self.allow_foreign_base)
 
     @field_validator("adapters_dir")
     @classmethod

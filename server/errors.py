@@ -13,7 +13,7 @@ from hotpeft.adapters.errors import (
     AdapterConflict, AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterTooLarge,
     AdapterUnavailable, InvalidName,
 )
-from hotpeft.server.engine.base import (
+from hotpeft.server.engine.interface import (
     EngineFailure, OutOfMemory, Overloaded, ReplicaUnavailable, ShuttingDown,
 )
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, JobConflict, JobNotFound, TrainerError

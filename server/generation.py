@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 
 from hotpeft.adapters.catalog import AdapterVersion
 from hotpeft.adapters.names import BASE_ALIAS
-from hotpeft.server.engine.base import GenerationRequest, SamplingParams, TokenEvent
+from hotpeft.server.engine.interface import GenerationRequest, SamplingParams, TokenEvent
 from hotpeft.server.errors import InvalidRequest
 from hotpeft.server.runtime import Runtime
-from hotpeft.server.schemas import ChatCompletionRequest, CompletionRequest
+from hotpeft.server.api.schemas.openai import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass

@@ -9,10 +9,12 @@ records when Prometheus scrapes.
 
 Behind Ray Serve (`by_replica`) the ingress's request metrics carry a `replica` label, the engine
 replica that generated the answer (`none` when none did), and `remote` adds every engine
-replica's own families with its `replica` label (server/ray_board.py).
+replica's own families with its `replica` label (server/ray/board.py). The gauges read at scrape
+time are `gauges.py`.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -22,6 +24,8 @@ import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from hotpeft.server.errors import describe
 
 # From a GPU's milliseconds to a CPU's seconds per long request.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -101,8 +105,6 @@ class Metrics:
         """The Prometheus text of this process, and of the engine replicas behind it if any."""
         if self.remote is None:
             return generate_latest(self.registry)
-        from hotpeft.server.ray_board import labelled
-
         families = labelled([(self.labels, self.own_families()), *self.remote()])
         return generate_latest(_Fixed(families))
 
@@ -210,8 +212,6 @@ class RequestTracker:
             m.generation_tokens.labels(*by).inc(completion_tokens)
 
     def failed(self, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        from hotpeft.server.errors import describe
-
         status, _ = describe(exc)
         outcome = "rejected" if status == 429 else "client_error" if status < 500 else "server_error"
         self.finish(outcome, prompt_tokens, completion_tokens)
@@ -230,3 +230,19 @@ class EngineObserver:
         self.m.step_time.observe(seconds)
         self.m.batch_size.observe(rows)
         self.m.recent_steps.append((time.time(), rows))
+
+
+def labelled(parts: list[tuple[dict[str, str], list]]) -> list:
+    """Metric families of several processes as one exposition: each sample gets its process's
+    labels, families of one name are merged (a name may be declared only once)."""
+    merged: dict[str, object] = {}
+    for labels, families in parts:
+        for family in families:
+            samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]
+            if family.name in merged:
+                merged[family.name].samples.extend(samples)
+            else:
+                out = copy.copy(family)
+                out.samples = samples
+                merged[family.name] = out
+    return list(merged.values())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from hotpeft.adapters import AdapterIncompatible, AdapterInvalid, BaseSpec, InvalidName
 from hotpeft.adapters.format import load_adapter_dir
 from hotpeft.adapters.names import parse_model_ref
-from hotpeft.server.engine.lora import LoraBank
+from hotpeft.model.arch import Architecture
 
 import tiny
 
@@ -19,8 +19,7 @@ import tiny
 @pytest.fixture(scope="module")
 def spec(tiny_dirs):
     model = tiny.make_model()
-    bank = LoraBank(model, torch.float32, torch.device("cpu"))
-    return BaseSpec(tiny.TINY_ID, model.config.hidden_size, bank.linear_shapes())
+    return BaseSpec.of(tiny.TINY_ID, Architecture.from_config(model.config))
 
 
 @pytest.fixture

@@ -355,7 +355,7 @@ def test_hot_swap_under_load_never_fails_and_never_mixes_versions(server, http, 
 
 def test_cli_does_every_operation(server, tiny_dirs, extra_adapters, roots):
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "adapters", "--url", server.url, *args],
+        r = subprocess.run([sys.executable, "-m", "hotpeft.cli", "adapters", "--url", server.url, *args],
                            capture_output=True, text=True, timeout=120)
         return r.returncode, (json.loads(r.stdout) if r.returncode == 0 else r.stderr)
 

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import tiny
 from conftest import ADAPTER_TEMPLATE
 
 MSGS = [{"role": "user", "content": "Tell me about foxes."}]
@@ -22,8 +23,7 @@ def reference_text(tiny_dirs, tok, adapter, prompt_ids, n):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"], dtype=torch.float32)
     if adapter:
         model = PeftModel.from_pretrained(model, tiny_dirs["adapters"] / adapter)
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
-    return tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    return tok.decode(tiny.greedy_reference(model, prompt_ids, n), skip_special_tokens=True)
 
 
 def test_models_lists_base_and_adapters(client):

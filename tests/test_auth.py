@@ -6,6 +6,8 @@ expose; a route that lands in a wider scope than listed here fails the test.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -162,12 +164,48 @@ def test_keys_are_compared_whole():
 
 
 def test_without_keys_a_remote_bind_is_refused(tiny_dirs, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--model", str(tiny_dirs["base"]),
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.cli", "serve", "--model", str(tiny_dirs["base"]),
                            "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
                           env={"HOTPEFT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "--insecure-allow-remote" in proc.stderr and "--api-key" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--api-key", "short"],
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.cli", "serve", "--api-key", "short"],
                           capture_output=True, text=True, timeout=120, env={"HOTPEFT_HOME": str(tmp_path)})
     assert proc.returncode == 2 and "--api-key: keys must be at least 8 characters" in proc.stderr
     assert "short" not in proc.stderr.replace("keys must be", "")
+
+
+def _adapters_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HOTPEFT_")}
+    return subprocess.run([sys.executable, "-m", "hotpeft.cli", "adapters", *args], capture_output=True, text=True,
+                          timeout=120, env=clean | (env or {}))
+
+
+def test_the_adapters_cli_sends_a_key_and_names_the_flag_when_refused(keyed):
+    no_key = _adapters_cli("list", "--url", keyed.url)
+    assert no_key.returncode == 1 and "401" in no_key.stderr and "--api-key" in no_key.stderr
+    not_admin = _adapters_cli("list", "--url", keyed.url, "--api-key", API_KEY)
+    assert not_admin.returncode == 1 and "403" in not_admin.stderr and "not an admin key" in not_admin.stderr
+    assert API_KEY not in not_admin.stderr + not_admin.stdout  # the key itself is never echoed
+    ok = _adapters_cli("list", "--url", keyed.url, "--api-key", ADMIN_KEY)
+    assert ok.returncode == 0 and "lora-attn" in ok.stdout
+    # from the environment, as the server takes its keys
+    assert _adapters_cli("show", "lora-attn", "--url", keyed.url, env={"HOTPEFT_API_KEY": ADMIN_KEY}).returncode == 0
+    both = {"HOTPEFT_API_KEY": f"{API_KEY},{API_KEY_2}", "HOTPEFT_ADMIN_KEY": ADMIN_KEY}  # a shell that started the server
+    assert _adapters_cli("show", "lora-attn", "--url", keyed.url, env=both).returncode == 0
+
+
+@pytest.mark.parametrize("order", ["before", "after", "split"])
+def test_the_adapters_cli_takes_its_options_before_or_after_the_operation(keyed, order):
+    url, key = ["--url", keyed.url], ["--api-key", ADMIN_KEY]
+    args = {"before": [*url, *key, "list"], "after": ["list", *url, *key], "split": [*url, "list", *key]}[order]
+    proc = _adapters_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "lora-attn" in {a["name"] for a in json.loads(proc.stdout)["data"]}
+
+
+def test_an_option_after_the_operation_wins_over_the_one_before(keyed):
+    proc = _adapters_cli("--url", "http://127.0.0.1:9", "list", "--url", keyed.url, "--api-key", ADMIN_KEY)
+    assert proc.returncode == 0, proc.stderr
+    wrong = _adapters_cli("--url", keyed.url, "list", "--url", "http://127.0.0.1:9")
+    assert wrong.returncode == 1 and "cannot reach http://127.0.0.1:9" in wrong.stderr

@@ -9,7 +9,7 @@ import sys
 def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "hotpeft.server.cli", "bench", "--smoke", "--model", str(tiny_dirs["base"]),
+        [sys.executable, "-m", "hotpeft.cli", "bench", "--smoke", "--model", str(tiny_dirs["base"]),
          "--dtype", "float32", "--home", str(tmp_path / "home"), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -29,6 +29,6 @@ def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
 
 
 def test_bench_refuses_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "bench", "--clients", "0"],
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.cli", "bench", "--clients", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--clients >= 1" in proc.stderr

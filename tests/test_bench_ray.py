@@ -14,7 +14,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 def test_bench_ray_measures_the_baseline_and_one_and_two_replicas(tiny_dirs, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "hotpeft.server.cli", "bench", "--ray", "--model", str(tiny_dirs["base"]),
+        [sys.executable, "-m", "hotpeft.cli", "bench", "--ray", "--model", str(tiny_dirs["base"]),
          "--duration", "3", "--clients", "2", "--max-tokens", "2", "--adapters", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HOTPEFT_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ from hotpeft.server.config import Settings
 
 
 def hotpeft(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "hotpeft.server.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hotpeft.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

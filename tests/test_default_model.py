@@ -8,7 +8,8 @@ import httpx
 import pytest
 import torch
 
-from hotpeft.server import basemodel
+from hotpeft.model.load import load_base
+from hotpeft.model.source import DEFAULT_MODEL_ID, resolve_model
 
 from conftest import ServerProcess
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def source(model_home):
-    return basemodel.resolve_model("default", model_home)  # converts the GGUF on first use
+    return resolve_model("default", model_home)  # converts the GGUF on first use
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def client(server):
 def test_conversion_is_cached_once(source, model_home):
     weights = next(source.path.glob("*.safetensors"))
     stamp = weights.stat().st_mtime_ns
-    again = basemodel.resolve_model(basemodel.DEFAULT_MODEL_ID, model_home)
+    again = resolve_model(DEFAULT_MODEL_ID, model_home)
     assert again.path == source.path and next(again.path.glob("*.safetensors")).stat().st_mtime_ns == stamp
     assert source.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -98,7 +99,7 @@ def test_health_answers_while_a_long_generation_runs(client, server):
 
 
 def test_quantized_defaults_take_fewer_bytes(source):
-    sizes = {q: basemodel.load_base(source, q, device=torch.device("cpu"), dtype=torch.bfloat16).resident_bytes
+    sizes = {q: load_base(source, q, device=torch.device("cpu"), dtype=torch.bfloat16).resident_bytes
              for q in ("none", "int8", "nf4")}
     assert sizes["nf4"] < sizes["int8"] < sizes["none"]
 
@@ -117,7 +118,7 @@ def test_lora_trained_on_the_demo_task_beats_the_base_on_rouge_l(server, model_h
     train.write_text("".join(demo["support-summaries.train"].read_text().splitlines(keepends=True)[:48]))
     valid.write_text("".join(demo["support-summaries.valid"].read_text().splitlines(keepends=True)[:12]))
     done = subprocess.run(
-        [sys.executable, "-m", "hotpeft.server.cli", "train", "--home", str(model_home), "--data", str(train),
+        [sys.executable, "-m", "hotpeft.cli", "train", "--home", str(model_home), "--data", str(train),
          "--validation", str(valid), "--template", SUMMARY_TEMPLATE, "--method", "lora", "--name", "demo-sum",
          "--max-steps", "12", "--batch-size", "4", "--eval-max-new-tokens", "40", "--json", "--no-progress"],
         capture_output=True, text=True, timeout=1200)

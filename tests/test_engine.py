@@ -9,9 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+import tiny
 from hotpeft.server.config import Settings
-from hotpeft.server.engine import lora
-from hotpeft.server.engine.base import EngineFailure, GenerationRequest, Overloaded, SamplingParams
+from hotpeft.server.engine import lora_plan
+from hotpeft.server.engine.interface import EngineFailure, GenerationRequest, Overloaded, SamplingParams
+from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.runtime import build_runtime
 
 ADAPTERS = [None, "lora-attn", "lora-mlp", "soft"]
@@ -35,8 +37,7 @@ def reference_tokens(tiny_dirs, adapter: str | None, prompt: list[int], n: int) 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"], dtype=torch.float32)
     if adapter:
         model = PeftModel.from_pretrained(model, tiny_dirs["adapters"] / adapter)
-    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return tiny.greedy_reference(model, prompt, n)
 
 
 async def _tokens(rt, request: GenerationRequest) -> list[int]:
@@ -92,20 +93,23 @@ def test_same_seed_same_sample(rt):
 
 
 def test_cancelled_request_frees_the_engine(rt):
+    """A client that goes away after its first token: its row stops within a few steps and is freed."""
     prompt = rt.tokenizer("cancel me")["input_ids"]
+    tokens_before = rt.engine.stats().tokens
 
     async def scenario():
         gen = rt.engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=200, temperature=0.0)))
         await gen.__anext__()
         await gen.aclose()  # the client went away
-        # The next request can only run once the engine has dropped the cancelled one.
         nxt = [t async for ev in rt.engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=3, temperature=0.0)))
                for t in ev.token_ids]
         return nxt
 
     assert len(asyncio.run(scenario())) == 3
     stats = rt.engine.stats()
-    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["alive"]
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_tokens == 0 and stats.alive
+    # 200 tokens were asked for; the cancelled row stopped long before (3 of these are the next request's)
+    assert stats.tokens - tokens_before < 100
 
 
 def test_failure_in_one_request_does_not_stop_the_engine(rt):
@@ -130,20 +134,20 @@ PROMPTS = ["The quick brown fox", "A much longer prompt that needs several prefi
 def test_mixed_batch_equals_each_request_alone_and_generate(rt, tiny_dirs, monkeypatch, lora_path):
     """Every adapter kind and the base in one batch, prompts of different lengths, long ones chunked;
     the LoRA deltas computed by either of the bank's two paths."""
-    monkeypatch.setattr(lora, "BMM_MIN_SAVING", float("inf") if lora_path == "span" else -1.0)
+    monkeypatch.setattr(lora_plan, "BMM_MIN_SAVING", float("inf") if lora_path == "span" else -1.0)
     counts = Counter()
-    real_plan = rt.engine.bank.plan
+    real_plan = rt.engine.runner.bank.plan
 
     def plan(ids):
         real_plan(ids)
-        counts.update("bmm" if lo.plan.gather is not None else "span" for lo in rt.engine.bank.layouts if lo.plan)
+        counts.update("bmm" if lo.plan.gather is not None else "span" for lo in rt.engine.runner.bank.layouts if lo.plan)
 
-    monkeypatch.setattr(rt.engine.bank, "plan", plan)
+    monkeypatch.setattr(rt.engine.runner.bank, "plan", plan)
     cases = [(a, rt.tokenizer(p)["input_ids"]) for p in PROMPTS for a in ADAPTERS]  # 16 rows at once
     together = run_together(rt, [make_request(rt, a, ids, 20) for a, ids in cases])
     for (adapter, ids), toks in zip(cases, together):
         assert toks == reference_tokens(tiny_dirs, adapter, ids, 20), (adapter, ids)
-    assert rt.engine.stats()["running"] == 0
+    assert rt.engine.stats().running == 0
     assert counts[lora_path] > 0  # the path under test did run
 
 
@@ -159,9 +163,9 @@ def test_requests_joining_a_running_batch_do_not_disturb_it(rt):
             toks += ev.token_ids
             if len(toks) == 5:  # mid-decode: two more requests join the running batch
                 others = [asyncio.ensure_future(_tokens(rt, make_request(rt, a, ids, 20))) for a, ids in late]
-        return [toks] + [await o for o in others], rt.engine.stats()["steps"]
+        return [toks] + [await o for o in others], rt.engine.stats().steps
 
-    steps_before = rt.engine.stats()["steps"]
+    steps_before = rt.engine.stats().steps
     got, steps_after = asyncio.run(scenario())
     assert got == alone
     # They joined: 40 decode steps for the first request cover (nearly) all of the others' work.
@@ -183,10 +187,10 @@ def test_cancelled_requests_release_their_rows(rt):
         return busy, nxt
 
     busy, nxt = asyncio.run(scenario())
-    assert busy["running"] == 4 and busy["kv_tokens"] > 0
+    assert busy.running == 4 and busy.kv_tokens > 0
     assert len(nxt) == 3
     stats = rt.engine.stats()
-    assert (stats["running"], stats["waiting"], stats["kv_tokens"]) == (0, 0, 0) and stats["alive"]
+    assert (stats.running, stats.waiting, stats.kv_tokens) == (0, 0, 0) and stats.alive
 
 
 def test_a_lora_released_while_in_use_leaves_when_its_last_request_ends(rt):
@@ -200,7 +204,7 @@ def test_a_lora_released_while_in_use_leaves_when_its_last_request_ends(rt):
         stream = rt.engine.generate(request)
         first = await stream.__anext__()
         released = await rt.engine.unload({key})
-        during = key in rt.engine.resident
+        during = key in rt.engine.residency().device
         rest = [ev async for ev in stream]
         await _tokens(rt, make_request(rt, None, prompt, 2))  # a later step: the finished row is gone
         return first, released, during, rest
@@ -208,12 +212,12 @@ def test_a_lora_released_while_in_use_leaves_when_its_last_request_ends(rt):
     first, released, during, rest = asyncio.run(scenario())
     assert released == set() and during  # in use: it stays for the running request
     assert sum(len(ev.token_ids) for ev in [first, *rest]) == 12  # which finishes on it
-    assert key not in rt.engine.resident and key not in rt.engine.bank.pinned
+    assert key not in rt.engine.residency().device and key not in rt.engine.residency().pinned
 
 
 def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, tmp_path_factory):
     rt2 = make_runtime(tiny_dirs, tmp_path_factory, max_num_seqs=2, max_queue=5)
-    assert rt2.engine.stats()["slots"] == 2
+    assert rt2.engine.stats().slots == 2
     prompt = rt2.tokenizer("queue")["input_ids"]
     requests = [make_request(rt2, a, prompt, 8) for a in ADAPTERS + ["lora-attn"]]
     expected = [run_tokens(rt, a, prompt, 8) for a in ADAPTERS + ["lora-attn"]]
@@ -223,7 +227,7 @@ def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, t
         streams = [rt2.engine.generate(r) for r in requests]
         with pytest.raises(Overloaded, match="--max-queue 5"):
             rt2.engine.generate(make_request(rt2, None, prompt, 8))
-        waiting = rt2.engine.stats()["waiting"]
+        waiting = rt2.engine.stats().waiting
         rt2.engine.start()
 
         async def drain(s):
@@ -241,7 +245,7 @@ def test_requests_wait_for_a_free_slot_and_a_full_queue_refuses(rt, tiny_dirs, t
 
 def fail_forward_once(rt, monkeypatch, at_call: int, error: BaseException) -> None:
     """The engine's forward pass raises `error` on its `at_call`-th call, and works otherwise."""
-    real = rt.engine.step_fn.forward
+    real = rt.engine.runner.step_fn.forward
     calls = {"n": 0}
 
     def flaky(step):
@@ -250,13 +254,13 @@ def fail_forward_once(rt, monkeypatch, at_call: int, error: BaseException) -> No
             raise error
         return real(step)
 
-    monkeypatch.setattr(rt.engine.step_fn, "forward", flaky)
+    monkeypatch.setattr(rt.engine.runner.step_fn, "forward", flaky)
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatch):
     prompt = rt.tokenizer("fault")["input_ids"]
     fail_forward_once(rt, monkeypatch, 3, RuntimeError("injected fault"))
-    failed_before = rt.engine.stats()["failed_steps"]
+    failed_before = rt.engine.stats().failed_steps
 
     async def one(adapter):
         try:
@@ -269,14 +273,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(rt, monkeypatc
 
     outs = asyncio.run(scenario())
     assert all(isinstance(o, str) and "injected fault" in o for o in outs)
-    assert rt.engine.stats()["failed_steps"] == failed_before + 1
+    assert rt.engine.stats().failed_steps == failed_before + 1
     assert len(run_tokens(rt, "lora-mlp", prompt, 5)) == 5
-    assert rt.engine.stats()["running"] == 0
+    assert rt.engine.stats().running == 0
 
 
 @pytest.mark.parametrize("oom", [torch.OutOfMemoryError, MemoryError])
 def test_out_of_memory_in_a_step_is_a_retryable_503_for_its_requests_only(rt, monkeypatch, oom):
-    from hotpeft.server.engine.base import OutOfMemory
+    from hotpeft.server.engine.interface import OutOfMemory
     from hotpeft.server.errors import describe
 
     prompt = rt.tokenizer("memory")["input_ids"]
@@ -296,7 +300,7 @@ def test_out_of_memory_in_a_step_is_a_retryable_503_for_its_requests_only(rt, mo
     status, body = describe(outs[0])
     assert status == 503 and body["error"]["code"] == "out_of_memory" and outs[0].retry_after >= 1
     assert len(run_tokens(rt, "lora-attn", prompt, 5)) == 5  # the engine lives on
-    assert rt.engine.stats()["alive"]
+    assert rt.engine.stats().alive
 
 
 def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tmp_path_factory):
@@ -327,10 +331,13 @@ def test_stopping_the_engine_fails_what_is_left_instead_of_hanging(tiny_dirs, tm
 
 def test_resident_loras_stay_within_their_byte_budget_lru_never_evicting_a_running_one(rt, tiny_dirs,
                                                                                        tmp_path_factory):
-    bank = rt.engine.bank
-    sizes = {a: bank.bytes_needed(make_request(rt, a, [1], 1).adapter.adapter.lora) for a in ("lora-attn", "lora-mlp")}
-    # Room for lora-mlp and one lora-attn, not for lora-mlp and two lora-attn-sized adapters.
-    budget = sizes["lora-mlp"] + sizes["lora-attn"] + sizes["lora-attn"] // 2
+    modules = {a: make_request(rt, a, [1], 1).adapter.adapter.lora for a in ("lora-attn", "lora-mlp")}
+    scratch = LoraBank(rt.base.arch, torch.float32, torch.device("cpu"))
+    for a, lora_modules in modules.items():
+        scratch.load(a, lora_modules)
+    # Room for the stacks of lora-mlp and one lora-attn-sized adapter, not for a third.
+    budget = scratch.stack_bytes()
+    sizes = {a: scratch.stack_bytes_alone(m) for a, m in modules.items()}
     rt4 = make_runtime(tiny_dirs, tmp_path_factory, max_resident_adapter_bytes=budget)
     rt4.engine.start()
     try:
@@ -340,8 +347,8 @@ def test_resident_loras_stay_within_their_byte_budget_lru_never_evicting_a_runni
         for a in ["lora-mlp", "lora-attn", "lora-tmpl", "lora-mlp", "lora-attn"]:
             assert run_tokens(rt4, a, prompt, 6) == expected[a]  # evicted and reloaded: same tokens
             stats = rt4.engine.stats()
-            assert stats["resident_lora_bytes"] <= budget
-            seen.append(sorted(k.split("@")[0] for k in rt4.engine.bank.adapters))
+            assert stats.resident_lora_bytes <= budget
+            seen.append(sorted(k.split("@")[0] for k in rt4.engine.residency().device))
         # Each load evicts the least recently used adapter, and only as many as it must.
         assert seen == [["lora-mlp"], ["lora-attn", "lora-mlp"], ["lora-attn", "lora-tmpl"],
                         ["lora-mlp", "lora-tmpl"], ["lora-attn", "lora-mlp"]]
@@ -357,7 +364,7 @@ def test_resident_loras_stay_within_their_byte_budget_lru_never_evicting_a_runni
 
         others, rest = asyncio.run(scenario())
         assert others == [expected["lora-attn"], expected["lora-tmpl"]] and len(rest) == 59
-        assert rt4.engine.stats()["resident_lora_bytes"] <= budget
+        assert rt4.engine.stats().resident_lora_bytes <= budget
 
         too_small = make_runtime(tiny_dirs, tmp_path_factory, max_resident_adapter_bytes=sizes["lora-mlp"] - 1)
         too_small.engine.start()

@@ -168,7 +168,7 @@ def _worker_pids(job_id: str) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"hotpeft.trainer.worker" in cmd and job_id.encode() in cmd:
+        if b"hotpeft.trainer.jobs.worker" in cmd and job_id.encode() in cmd:
             pids.append(int(proc.name))
     return pids
 
@@ -214,7 +214,17 @@ def test_server_restart_marks_the_interrupted_job_failed(tiny_dirs, word_data, t
         server.stop()
 
 
-def test_job_metrics_are_json_serialisable(oai):
-    # every field the API returns is plain JSON (no NaN): the openai client and other clients parse it
-    for job in oai.fine_tuning.jobs.list(limit=100).data:
-        json.dumps(job.model_dump(), allow_nan=False)
+def test_job_metrics_are_json_serialisable(oai, files, trainer_server):
+    """Every field a finished job returns is plain JSON (no NaN or Infinity): the openai client and others parse it."""
+    job = oai.fine_tuning.jobs.create(model="tiny-llama", training_file=files["pairs"], suffix="json-check",
+                                      extra_body={"hotpeft": {"max_steps": 2, "eval_max_new_tokens": 4}})
+    job = finish(oai, job.id)
+    assert job.status == "succeeded", job.error
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the job's JSON")
+
+    body = json.loads(httpx.get(f"{trainer_server.url}/v1/fine_tuning/jobs/{job.id}").text, parse_constant=refuse)
+    metrics = body["hotpeft"]["metrics"]
+    assert metrics["adapter"]["loss"] > 0 and metrics["base"]["loss"] > 0 and metrics["training"]["steps"] == 2
+    json.dumps(job.model_dump(), allow_nan=False)

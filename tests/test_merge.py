@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from hotpeft.adapters import AdapterInvalid, BaseSpec, load_adapter_dir
 from hotpeft.adapters.format import parse_adapter
 from hotpeft.adapters.merge import Source, check_recipe, merge
-from hotpeft.server.engine.lora import LoraBank
+from hotpeft.model.arch import Architecture
 
 import tiny
 
@@ -17,8 +17,7 @@ import tiny
 @pytest.fixture(scope="module")
 def spec():
     model = tiny.make_model()
-    bank = LoraBank(model, torch.float32, torch.device("cpu"))
-    return BaseSpec(tiny.TINY_ID, model.config.hidden_size, bank.linear_shapes())
+    return BaseSpec.of(tiny.TINY_ID, Architecture.from_config(model.config))
 
 
 def _deltas(parsed) -> dict[str, torch.Tensor]:

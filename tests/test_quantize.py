@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hotpeft.server import basemodel
+from hotpeft.model.load import load_base
+from hotpeft.model.source import ModelSource
 from hotpeft.server.config import Settings
 from hotpeft.server.runtime import build_runtime
 
@@ -11,8 +12,8 @@ from test_engine import run_tokens
 
 @pytest.fixture(scope="module")
 def sizes(tiny_dirs):
-    src = basemodel.ModelSource("tiny-llama", tiny_dirs["base"])
-    return {q: basemodel.load_base(src, q, device=torch.device("cpu"), dtype=torch.float32).resident_bytes
+    src = ModelSource("tiny-llama", tiny_dirs["base"])
+    return {q: load_base(src, q, device=torch.device("cpu"), dtype=torch.float32).resident_bytes
             for q in ("none", "int8", "nf4")}
 
 
@@ -37,8 +38,22 @@ def test_quantized_base_serves_lora_and_soft_prompts(tiny_dirs, tmp_path, quanti
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_nf4_is_the_default_on_cuda():
-    assert basemodel.default_quantization(torch.device("cuda")) == "nf4"
+def test_cuda_serves_an_nf4_base_by_default(tiny_dirs, tmp_path):
+    """On a GPU the default precision is nf4: the projections are 4-bit bitsandbytes layers on the
+    device, and LoRA and soft prompts are served on top of them."""
+    import bitsandbytes as bnb
+
+    rt = build_runtime(Settings(model=str(tiny_dirs["base"]), adapters_dir=tiny_dirs["adapters"], home=tmp_path))
+    rt.engine.start()
+    try:
+        assert rt.base.quantization == "nf4" and rt.base.device.type == "cuda"
+        q_proj = rt.base.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.device.type == "cuda"
+        prompt = rt.tokenizer("on the gpu")["input_ids"]
+        outs = {a: run_tokens(rt, a, prompt, 8) for a in (None, "lora-mlp", "soft")}
+        assert len({tuple(t) for t in outs.values()}) == 3
+    finally:
+        rt.engine.stop()
 
 
 def test_quantized_base_applies_a_lora_that_targets_only_down_proj(tiny_dirs, tmp_path):
@@ -57,8 +72,8 @@ def test_quantized_base_applies_a_lora_that_targets_only_down_proj(tiny_dirs, tm
         assert ours != run_tokens(rt, None, prompt, 12)
     finally:
         rt.engine.stop()
-    src = basemodel.ModelSource("tiny-llama", tiny_dirs["base"])
-    model = basemodel.load_base(src, "int8", device=torch.device("cpu"), dtype=torch.float32).model
+    src = ModelSource("tiny-llama", tiny_dirs["base"])
+    model = load_base(src, "int8", device=torch.device("cpu"), dtype=torch.float32).model
     model = PeftModel.from_pretrained(model, adapters / "down-only")
     reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
     assert ours == reference.tolist()

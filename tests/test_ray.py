@@ -347,11 +347,11 @@ def test_an_unreachable_ray_address_is_a_clear_error_at_once(tiny_dirs, tmp_path
     import sys
     import time
 
-    from hotpeft.server.localserver import free_port
+    from hotpeft.server.tools.localserver import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--ray", "--ray-address", address,
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.cli", "serve", "--ray", "--ray-address", address,
                            "--model", str(tiny_dirs["base"])], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HOTPEFT_HOME": str(tmp_path)})
     assert proc.returncode == 3

@@ -13,7 +13,7 @@ from hotpeft.adapters import (
     AdapterCatalog, AdapterIncompatible, AdapterInvalid, AdapterNotFound, AdapterRegistry, AdapterStore,
     AdapterUnavailable, BaseSpec,
 )
-from hotpeft.server.engine.lora import LoraBank
+from hotpeft.model.arch import Architecture
 
 import tiny
 
@@ -23,8 +23,7 @@ FINGERPRINT = "tiny-llama:test"
 @pytest.fixture(scope="module")
 def spec():
     model = tiny.make_model()
-    bank = LoraBank(model, torch.float32, torch.device("cpu"))
-    return BaseSpec(tiny.TINY_ID, model.config.hidden_size, bank.linear_shapes())
+    return BaseSpec.of(tiny.TINY_ID, Architecture.from_config(model.config))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

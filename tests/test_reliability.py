@@ -222,7 +222,7 @@ def test_hundred_concurrent_clients(rel, figure):
     def loadtest(seconds: int) -> dict:
         import json
 
-        out = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "loadtest", "--url", rel.url, "--clients",
+        out = subprocess.run([sys.executable, "-m", "hotpeft.cli", "loadtest", "--url", rel.url, "--clients",
                               "100", "--duration", str(seconds), "--model", "base", "--model", "lora-attn",
                               "--model", "soft"], capture_output=True, text=True, timeout=seconds + 120)
         assert out.returncode in (0, 1), out.stderr
@@ -275,7 +275,7 @@ def test_pickle_canary_never_fires(rel, http, tiny_dirs, tmp_path, figure):
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text((attn / "adapter_config.json").read_text())
     (folder / "adapter_model.bin").write_bytes(payload)
-    proc = subprocess.run([sys.executable, "-m", "hotpeft.server.cli", "serve", "--model", str(tiny_dirs["base"]),
+    proc = subprocess.run([sys.executable, "-m", "hotpeft.cli", "serve", "--model", str(tiny_dirs["base"]),
                            "--adapters-dir", str(folder.parent), "--dtype", "float32", "--port", "1"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HOTPEFT_HOME":
                                                                              str(tmp_path / "home")})

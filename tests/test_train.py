@@ -21,7 +21,7 @@ METHODS = {
 
 
 def hotpeft(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hotpeft.server.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hotpeft.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -89,3 +89,24 @@ def save_prompt_tuning(base_dir: Path, out: Path, *, n_virtual: int, seed: int) 
         peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
     peft_model.save_pretrained(out, safe_serialization=True)
     return Path(out)
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of `model` (a transformers or PEFT model), as `generate` would give them.
+
+    Prompt tuning is decoded by calling the PEFT model's own forward on the whole sequence at every
+    step: PEFT's `generate` for prompt tuning disagrees with that forward from the second token on
+    with transformers 5.24 and peft 0.21 (its KV-cached positions), so it is no reference."""
+    if getattr(model, "peft_type", None) != "PROMPT_TUNING":  # PeftType is a str enum
+        return model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(token)
+            ids.append(token)
+            if token in eos:
+                break
+    return out

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from hotpeft.server.basemodel import LORA_TARGETS
+from hotpeft.adapters.errors import InvalidName
+from hotpeft.adapters.names import validate_name
+from hotpeft.model.arch import PROJECTIONS
 from hotpeft.trainer.errors import ConfigInvalid
 
 METHODS = ("lora", "qlora", "prompt_tuning")
-ALL_LINEAR = list(LORA_TARGETS)  # the projections the engine serves LoRA on
+ALL_LINEAR = list(PROJECTIONS)  # the projections the engine serves LoRA on
 # Lower is better for loss; higher for the others. Improvement = how much the adapter beats the base.
 METRICS = {"loss": -1, "rouge1": 1, "rouge2": 1, "rougeL": 1, "exact_match": 1}
 # LoRA: 2e-4 is the usual large-model figure; on a 135M model with a few hundred examples 1e-3
@@ -80,9 +82,6 @@ class TrainConfig:
     """Free text stored on the registered version."""
 
     def __post_init__(self) -> None:
-        from hotpeft.adapters.errors import InvalidName
-        from hotpeft.adapters.names import validate_name
-
         try:
             validate_name(self.name)
         except InvalidName as e:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from hotpeft.trainer.config import METRICS
 from hotpeft.trainer.data import IGNORE, Encoded
 from hotpeft.trainer.errors import JobCancelled
 
@@ -125,6 +126,4 @@ def format_table(columns: dict[str, dict]) -> str:
 
 
 def improvement(base: dict, adapter: dict, metric: str) -> float:
-    from hotpeft.trainer.config import METRICS
-
     return (adapter[metric] - base[metric]) * METRICS[metric]

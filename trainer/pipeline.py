@@ -12,51 +12,22 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hotpeft.adapters import AdapterCatalog, AdapterRegistry, BaseSpec, VersionRecord
 from hotpeft.adapters.faults import failpoint
-from hotpeft.adapters.registry import default_registry_url
-from hotpeft.adapters.store import default_store_dir, open_store, pid_alive
-from hotpeft.server import basemodel
+from hotpeft.adapters.store import open_store, pid_alive
+from hotpeft.model.load import LoadedBase, default_device, eos_ids
+from hotpeft.model.source import ModelSource, ModelUnavailable, resolve_model
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.config import TrainConfig
+from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, InsufficientImprovement, JobCancelled
 from hotpeft.trainer.evaluate import evaluate, format_table, improvement
 from hotpeft.trainer.train import build_peft_model, load_training_base, pad_id, train
-
-@dataclass
-class TrainerEnv:
-    """Where the base comes from and where the adapter goes: the same values the server is started with."""
-
-    model: str = basemodel.DEFAULT_MODEL_ID
-    home: Path = field(default_factory=lambda: Path("~/.hotpeft").expanduser())
-    registry_url: str | None = None
-    store_dir: Path | None = None
-    store_url: str | None = None
-    device: str = "auto"
-    threads: int | None = None
-    max_lora_rank: int = 64
-    allow_foreign_base: bool = False
-
-    @property
-    def registry(self) -> str:
-        return self.registry_url or default_registry_url(self.home)
-
-    @property
-    def store(self) -> Path:
-        return self.store_dir or default_store_dir(self.home)
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return basemodel.default_device()
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigInvalid("device", "--device cuda was given, but no CUDA device is available")
-        return torch.device(self.device)
-
 
 @dataclass
 class TrainOutcome:
@@ -68,17 +39,25 @@ class TrainOutcome:
 Events = Callable[[str, dict | None], None]
 
 
-def open_catalog(env: TrainerEnv, base: basemodel.LoadedBase) -> AdapterCatalog:
-    spec = BaseSpec(base.model_id, int(base.model.config.hidden_size), basemodel.linear_shapes(base.model))
+def torch_device(env: TrainerEnv) -> torch.device:
+    if env.device == "auto":
+        return default_device()
+    if env.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigInvalid("device", "--device cuda was given, but no CUDA device is available")
+    return torch.device(env.device)
+
+
+def open_catalog(env: TrainerEnv, base: LoadedBase) -> AdapterCatalog:
+    spec = BaseSpec.of(base.model_id, base.arch)
     return AdapterCatalog(AdapterRegistry(env.registry), open_store(env.store, env.store_url), spec, base.fingerprint,
                           max_lora_rank=env.max_lora_rank, allow_foreign_base=env.allow_foreign_base,
                           max_cpu_bytes=1 << 20)
 
 
-def resolve_base(env: TrainerEnv) -> basemodel.ModelSource:
+def resolve_base(env: TrainerEnv) -> ModelSource:
     try:
-        return basemodel.resolve_model(env.model, env.home)
-    except basemodel.ModelUnavailable as e:
+        return resolve_model(env.model, env.home)
+    except ModelUnavailable as e:
         raise ConfigInvalid("model", str(e)) from e
 
 
@@ -102,7 +81,7 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
     if env.threads:
         torch.set_num_threads(env.threads)
     source = resolve_base(env)
-    device = env.torch_device()
+    device = torch_device(env)
     events(f"Loading the base model {source.model_id}" + (" in 4-bit nf4" if cfg.method == "qlora" else ""), None)
     base = load_training_base(source, cfg.method, device)
     max_length = cfg.max_length or min(1024, base.max_model_len)
@@ -124,7 +103,7 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
         stats = train(peft_model, base, prepared.train, cfg, workdir, progress=progress, should_stop=should_stop)
         events(f"Training done: {stats.steps} steps in {stats.train_seconds:.1f}s, final loss {stats.final_loss:.4f}",
                None)
-        eos = sorted(basemodel.eos_ids(base))
+        eos = sorted(eos_ids(base))
         common = dict(device=device, eos_ids=eos, pad=pad_id(tok), max_new_tokens=cfg.eval_max_new_tokens,
                       limit=cfg.eval_limit, should_stop=should_stop)
         events(f"Evaluating the base and the adapter on {len(prepared.valid)} held-out examples", None)
@@ -135,14 +114,7 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
         # save_embedding_layers=False: the embeddings are not trained (and checking would look the base up on the hub)
         peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
         (out / "README.md").unlink(missing_ok=True)
-        adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        training = {
-            "method": cfg.method, "steps": stats.steps, "train_seconds": stats.train_seconds,
-            "train_tokens": stats.train_tokens, "tokens_per_s": stats.tokens_per_s, "final_loss": stats.final_loss,
-            "trainable_params": stats.trainable_params, "total_params": stats.total_params,
-            "trainable_percent": stats.trainable_percent, "peak_memory_mib": stats.peak_memory_bytes / 2**20,
-            "adapter_bytes": adapter_bytes, "base_precision": base.quantization, "device": device.type,
-        }
+        training = _training_figures(cfg, stats, base, out)
         base_label = "base" + (" (nf4)" if base.quantization == "nf4" else "")
         table = format_table({base_label: base_metrics, cfg.name: {**adapter_metrics, **training}})
         metrics = {"base": base_metrics, "adapter": adapter_metrics, "training": training,
@@ -150,12 +122,7 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
                             "valid_examples": len(prepared.valid), "truncated": prepared.truncated,
                             "dropped": prepared.dropped}}
         events("Evaluation:\n" + table, {"base": _flat(base_metrics), "adapter": _flat(adapter_metrics)})
-        short = [f"{m} improved by {improvement(base_metrics, adapter_metrics, m):+.4f}, --min-improvement asks "
-                 f"{d:+.4f}" for m, d in cfg.min_improvement.items()
-                 if improvement(base_metrics, adapter_metrics, m) < d]
-        if short:
-            raise InsufficientImprovement("the adapter does not beat the base enough, so it was not registered: "
-                                          + "; ".join(short), param="min_improvement")
+        _check_improvement(cfg, base_metrics, adapter_metrics)
         if should_stop():
             raise JobCancelled("the job was cancelled before registration")
         before_register()
@@ -175,6 +142,27 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
         return TrainOutcome(record, metrics, table)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _training_figures(cfg: TrainConfig, stats, base: LoadedBase, out: Path) -> dict:
+    """What the training run took and made, stored with the registered version."""
+    return {
+        "method": cfg.method, "steps": stats.steps, "train_seconds": stats.train_seconds,
+        "train_tokens": stats.train_tokens, "tokens_per_s": stats.tokens_per_s, "final_loss": stats.final_loss,
+        "trainable_params": stats.trainable_params, "total_params": stats.total_params,
+        "trainable_percent": stats.trainable_percent, "peak_memory_mib": stats.peak_memory_bytes / 2**20,
+        "adapter_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        "base_precision": base.quantization, "device": base.device.type,
+    }
+
+
+def _check_improvement(cfg: TrainConfig, base_metrics: dict, adapter_metrics: dict) -> None:
+    """The --min-improvement gate: raises when the adapter does not beat the base by enough."""
+    short = [f"{m} improved by {improvement(base_metrics, adapter_metrics, m):+.4f}, --min-improvement asks "
+             f"{d:+.4f}" for m, d in cfg.min_improvement.items() if improvement(base_metrics, adapter_metrics, m) < d]
+    if short:
+        raise InsufficientImprovement("the adapter does not beat the base enough, so it was not registered: "
+                                      + "; ".join(short), param="min_improvement")
 
 
 def _flat(metrics: dict) -> dict:

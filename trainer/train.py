@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from hotpeft.adapters.faults import failpoint
-from hotpeft.server import basemodel
+from hotpeft.model.load import LoadedBase, load_base
+from hotpeft.model.source import ModelSource
 from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.data import IGNORE, Encoded
 from hotpeft.trainer.errors import ConfigInvalid, JobCancelled
@@ -44,13 +45,13 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_training_base(source: basemodel.ModelSource, method: str, device: torch.device) -> basemodel.LoadedBase:
+def load_training_base(source: ModelSource, method: str, device: torch.device) -> LoadedBase:
     """The base the adapter is trained on: nf4 for QLoRA, full precision otherwise."""
-    return basemodel.load_base(source, "nf4" if method == "qlora" else "none", device=device,
-                               dtype=compute_dtype(device))
+    return load_base(source, "nf4" if method == "qlora" else "none", device=device,
+                     dtype=compute_dtype(device))
 
 
-def build_peft_model(base: basemodel.LoadedBase, cfg: TrainConfig):
+def build_peft_model(base: LoadedBase, cfg: TrainConfig):
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model, prepare_model_for_kbit_training
 
     model = base.model
@@ -118,7 +119,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def train(peft_model, base: basemodel.LoadedBase, examples: list[Encoded], cfg: TrainConfig, workdir: Path, *,
+def train(peft_model, base: LoadedBase, examples: list[Encoded], cfg: TrainConfig, workdir: Path, *,
           progress: Progress | None = None, should_stop: Callable[[], bool] = lambda: False) -> TrainStats:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 

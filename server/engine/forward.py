@@ -1,16 +1,14 @@
 """One forward pass over a packed batch of sequences, with a slotted KV cache.
 
-The batching engine calls `LlamaStep.forward` once per step with the tokens of every running
+The batching engine calls `DecoderStep.forward` once per step with the tokens of every running
 sequence packed into one (N, hidden) tensor: one token for each decoding sequence, a chunk of
 the prompt for each sequence in prefill. The layers are the base model's own modules (so a
 quantized base and the LoRA wrappers just work); what is written here is the part that
 transformers' forward does not offer: per-row positions, writing K/V into per-sequence slots,
 and attention of rows with different lengths in one call.
 
-KV memory is allocated once, from a budget, as `n_slots` slots of `slot_len` positions per
-layer: K and V are (n_slots, n_kv_heads, slot_len, head_dim). Running sequences always occupy
-slots 0..n-1 (a finished sequence's slot is filled by moving the last one down), so decode
-attention reads `K[:n, :, :L]`, a view, never a gathered copy.
+The KV cache is `kv.py`'s slots; the LoRA deltas are `lora.py`'s groups; the shapes come from
+`hotpeft.model.arch`, one description for Llama, Mistral and Qwen2.
 """
 from __future__ import annotations
 
@@ -19,55 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hotpeft.model.arch import Architecture
+from hotpeft.server.engine.kv import SlotKVCache
 from hotpeft.server.engine.lora import LoraBank
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ZERO_AHEAD = 256  # KV positions zeroed at a time ahead of a sequence
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-class SlotKVCache:
-    def __init__(self, config, n_slots: int, slot_len: int, dtype: torch.dtype, device: torch.device):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (n_slots, config.num_key_value_heads, slot_len, head_dim)
-        # torch.empty: on the CPU the pages are committed only when written. Positions that a
-        # step may read before its sequence wrote them are zeroed first (see `prepare`).
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.n_slots, self.slot_len = n_slots, slot_len
-        self.clean = [0] * n_slots  # per slot: positions [0, clean) hold finite values
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def release(self, slot: int) -> None:
-        self.clean[slot] = 0  # whatever the last owner left is not trusted by the next one
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for t in self.k + self.v:
-            t[dst, :, :length] = t[src, :, :length]
-        self.clean[dst] = length
-        self.clean[src] = 0
-
-    def prepare(self, n_rows: int, read_len: int) -> None:
-        """Zero what decode attention will read of slots 0..n_rows-1 beyond what they hold.
-
-        Masked positions get zero weight, but 0 * NaN is NaN: never-written memory must not be read.
-        Zeroes ahead in blocks, so this is a handful of ops every few hundred steps, not every step.
-        """
-        for slot in range(n_rows):
-            start = self.clean[slot]
-            if start < read_len:
-                end = min(self.slot_len, max(read_len, start + ZERO_AHEAD))
-                for t in self.k + self.v:
-                    t[slot, :, start:end].zero_()
-                self.clean[slot] = end
 
 
 @dataclass
@@ -84,20 +36,11 @@ class StepInput:
     sample_rows: torch.Tensor  # (S,) long, rows whose last token's logits are needed
 
 
-class LlamaStep:
-    def __init__(self, model: torch.nn.Module, kv: SlotKVCache, bank: LoraBank):
-        config = model.config
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModel(
-                f"the batching engine supports {', '.join(SUPPORTED_MODEL_TYPES)} models; "
-                f"this one is {getattr(config, 'model_type', '?')!r}"
-            )
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        if window and window < kv.slot_len:
-            raise UnsupportedModel(
-                f"this model attends over a sliding window of {window} tokens, which the batching engine does not "
-                f"implement; start the server with --max-model-len {window} or less"
-            )
+class DecoderStep:
+    """One forward pass of a Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture, kv: SlotKVCache, bank: LoraBank):
+        arch.check_context(kv.slot_len)
         self.model = model
         self.kv = kv
         self.layers = model.model.layers
@@ -105,19 +48,17 @@ class LlamaStep:
         self.rotary = model.model.rotary_emb
         self.lm_head = model.lm_head
         self.embed = model.get_input_embeddings()
-        self.n_heads = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
+        self.n_heads = arch.num_heads
+        self.n_kv = arch.num_kv_heads
         self.groups = self.n_heads // self.n_kv
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = arch.head_dim
         self.scaling = self.head_dim ** -0.5
         self.rope_sign = torch.ones(self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
         self.rope_sign[:self.head_dim // 2] = -1
-        self.silu = getattr(config, "hidden_act", "silu") == "silu"
+        self.silu = arch.hidden_act == "silu"
         self.fused = self._fuse()
         # Per layer: the LoRA groups (q|k|v, o, gate|up, down); None where a layer has no such projections.
-        self.lora = [tuple(bank.group(f"model.layers.{i}.{part}", g)
-                           for part, g in (("self_attn", "qkv"), ("self_attn", "o"), ("mlp", "gate_up"), ("mlp", "down")))
-                     for i in range(len(self.layers))]
+        self.lora = [tuple(bank.group(i, g) for g in ("qkv", "o", "gate_up", "down")) for i in range(len(self.layers))]
 
     def _fuse(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
         """Per layer: q|k|v weight and bias, gate|up weight, concatenated so that one matmul does each group.
@@ -131,7 +72,7 @@ class LlamaStep:
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             gu = [mlp.gate_proj, mlp.up_proj]
             plain = all(type(m) is torch.nn.Linear for m in qkv + gu)
-            if not plain or getattr(self.model.config, "hidden_act", "silu") != "silu":
+            if not plain or not self.silu:
                 fused.append((None, None, None))
                 continue
             fused.append((self._concat([m.weight for m in qkv]),

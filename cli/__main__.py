@@ -1,0 +1,6 @@
+"""`python -m hotpeft.cli` is `hotpeft`."""
+import sys
+
+from hotpeft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One router per resource: openai (completions, models), adapters, files, jobs, ops."""

@@ -1,0 +1,235 @@
+"""OpenAI-compatible routes: models, chat completions, completions (streaming and not)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hotpeft.server.deps import RuntimeDep
+from hotpeft.server.errors import describe
+from hotpeft.server.generation import (
+    OpenChoices, Prepared, open_choices, prepare_chat, prepare_completion, resolve_adapter, run_choices,
+)
+from hotpeft.server.metrics import RequestTracker
+from hotpeft.server.runtime import Runtime
+from hotpeft.server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _base_card(rt: Runtime) -> ModelCard:
+    b = rt.base
+    return ModelCard(
+        id=b.model_id, created=rt.started, owned_by="hotpeft", root=b.model_id, kind="base",
+        precision=b.quantization if b.quantization != "none" else str(b.dtype).removeprefix("torch."),
+        resident_bytes=b.resident_bytes, device=str(b.device), max_model_len=b.max_model_len,
+    )
+
+
+def _adapter_cards(rt: Runtime) -> list[ModelCard]:
+    return [
+        ModelCard(id=r.name, created=int(r.created), owned_by="hotpeft", parent=rt.base.model_id,
+                  root=rt.base.model_id, kind=r.kind, version=r.version)
+        for r in rt.catalog.active()
+    ]
+
+
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)
+async def list_models(rt: RuntimeDep) -> ModelList:
+    return ModelList(data=[_base_card(rt), *_adapter_cards(rt)])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, response_model_exclude_none=True)
+async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
+    record = rt.catalog.resolve(model_id).record
+    if record is None:
+        return _base_card(rt)
+    return ModelCard(id=model_id, created=int(record.created), owned_by="hotpeft", parent=rt.base.model_id,
+                     root=rt.base.model_id, kind=record.kind, version=record.version)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _open(rt: Runtime, endpoint: str, body, prepare) -> tuple[RequestTracker, Prepared, OpenChoices]:
+    """Resolve, prepare and submit; every refusal is counted with its outcome."""
+    tracker = rt.metrics.track(endpoint)
+    try:
+        adapter = await resolve_adapter(rt, body)
+        tracker.resolved(adapter)
+        prepared = prepare(rt, body, adapter)
+        return tracker, prepared, open_choices(rt, prepared)
+    except Exception as e:
+        tracker.failed(e)
+        raise
+
+
+async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choices: int, tracker: RequestTracker,
+                   prompt_tokens: int):
+    """Whole texts per choice; a client that goes away cancels the generation."""
+    texts = [""] * n_choices
+    finish: list[str | None] = [None] * n_choices
+    completion_tokens = 0
+    replicas: set[str] = set()
+
+    async def gather():
+        nonlocal completion_tokens
+        async for i, ev in run_choices(rt, choices):
+            if ev.replica:
+                replicas.add(ev.replica)
+                tracker.replica = ev.replica
+            texts[i] += ev.text
+            completion_tokens += len(ev.token_ids)
+            tracker.tokens(i, len(ev.token_ids))
+            if ev.finish_reason:
+                finish[i] = ev.finish_reason
+
+    work = asyncio.create_task(gather())
+    watcher = asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            choices.cancel(rt)  # also when the task was cancelled before it began
+    if work.cancelled():
+        tracker.finish("cancelled", prompt_tokens, completion_tokens)
+        return None
+    try:
+        work.result()  # re-raise an engine failure
+    except Exception as e:
+        tracker.failed(e, prompt_tokens, completion_tokens)
+        raise
+    tracker.finish("ok", prompt_tokens, completion_tokens)
+    return texts, finish, completion_tokens, replicas
+
+
+def _headers(prepared: Prepared, replicas: set[str] = frozenset()) -> dict[str, str]:
+    # Which exact weights answer (name@N, or mix:<hash>): a client can tell versions apart during a swap.
+    headers = {"X-Hotpeft-Adapter": prepared.served}
+    if replicas:  # Ray Serve: which engine replica(s) generated the answer
+        headers["X-Hotpeft-Replica"] = ",".join(sorted(replicas))
+    return headers
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_chunk, include_usage: bool,
+                  usage_chunk, tracker: RequestTracker) -> AsyncIterator[str]:
+    completion_tokens = 0
+    outcome = "cancelled"  # unless it ends: the client went away
+    replicas: set[str] = set()
+    try:
+        async for i, ev in run_choices(rt, choices):
+            if ev.replica and ev.replica not in replicas:  # Ray Serve: an SSE comment, which clients skip
+                replicas.add(ev.replica)
+                tracker.replica = ev.replica
+                yield f": hotpeft-replica {ev.replica}\n\n"
+            completion_tokens += len(ev.token_ids)
+            tracker.tokens(i, len(ev.token_ids))
+            if ev.text:
+                yield _sse(make_chunk(i, ev.text, None))
+            if ev.finish_reason:
+                yield _sse(make_chunk(i, "", ev.finish_reason))
+        outcome = "ok"
+        if include_usage:
+            yield _sse(usage_chunk(_usage(prepared.prompt_tokens, completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, OpenAI-style
+        tracker.failed(e, prepared.prompt_tokens, completion_tokens)
+        _, body = describe(e)
+        yield _sse(body)
+    finally:
+        tracker.finish(outcome, prepared.prompt_tokens, completion_tokens)
+
+
+# 200: a JSON body, or server-sent events with "stream": true
+_GENERATION = {200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"}}
+
+
+@router.post("/chat/completions", responses=_GENERATION)
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
+    tracker, prepared, choices = await _open(rt, "chat", body, prepare_chat)
+    headers = _headers(prepared)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
+    if body.stream:
+        def chunk(i, text, finish):
+            delta = {"content": text} if finish is None else {}
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": fingerprint,
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def usage_chunk(usage):
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": fingerprint, "choices": [], "usage": usage}
+
+        async def events():
+            try:
+                for i in range(body.n):  # the role comes first, once per choice
+                    first = chunk(i, "", None)
+                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    yield _sse(first)
+                async for s in _stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk, tracker):
+                    yield s
+            finally:
+                tracker.finish("cancelled", prepared.prompt_tokens)  # a no-op unless it left before the tokens
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    result = await _collect(request, rt, choices, body.n, tracker, prepared.prompt_tokens)
+    if result is None:
+        return None
+    texts, finish, completion_tokens, replicas = result
+    return JSONResponse(headers=_headers(prepared, replicas), content={
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "system_fingerprint": fingerprint,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+            for i, (t, f) in enumerate(zip(texts, finish))
+        ],
+        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+    })
+
+
+@router.post("/completions", responses=_GENERATION)
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep):
+    tracker, prepared, choices = await _open(rt, "completions", body, prepare_completion)
+    headers = _headers(prepared)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    n_choices = len(prepared.prompts) * body.n
+    if body.stream:
+        def chunk(i, text, finish):
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        def usage_chunk(usage):
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [], "usage": usage}
+
+        return StreamingResponse(_stream(rt, prepared, choices, chunk, body.include_usage, usage_chunk, tracker),
+                                 media_type="text/event-stream", headers=headers)
+    result = await _collect(request, rt, choices, n_choices, tracker, prepared.prompt_tokens)
+    if result is None:
+        return None
+    texts, finish, completion_tokens, replicas = result
+    return JSONResponse(headers=_headers(prepared, replicas), content={
+        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                    for i, (t, f) in enumerate(zip(texts, finish))],
+        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+    })
