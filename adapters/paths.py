@@ -1,4 +1,5 @@
-"""Paths derived from names stay inside their root: checked after resolving symlinks.
+"""Where a home directory keeps the registry and the store, and a check that paths derived from
+names stay inside their root (after resolving symlinks).
 
 Names are validated before they reach a path, and ids are made by us; this is the second
 line, at the place where a path is built, for whatever slipped past the first (a shared
@@ -23,3 +24,13 @@ def inside(root: Path, *parts: str) -> Path:
     if candidate != base and base not in candidate.parents:
         raise UnsafePath(f"{'/'.join(parts)!r} leaves {root} (resolves outside it)")
     return candidate
+
+
+def default_registry_url(home: Path) -> str:
+    """The registry of a home directory when no --registry-url is given."""
+    return f"sqlite:///{Path(home) / 'registry.db'}"
+
+
+def default_store_dir(home: Path) -> Path:
+    """The adapter store of a home directory when no --store-dir is given."""
+    return Path(home) / "store"

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy import select, update
@@ -122,11 +121,6 @@ class Snapshot:
 
     def records(self) -> list[VersionRecord]:
         return [r for vs in self.versions.values() for r in vs.values()]
-
-
-def default_registry_url(home: Path) -> str:
-    """The registry of a home directory when no --registry-url is given."""
-    return f"sqlite:///{Path(home) / 'registry.db'}"
 
 
 class AdapterRegistry:

@@ -74,11 +74,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def default_store_dir(home: Path) -> Path:
-    """The adapter store of a home directory when no --store-dir is given."""
-    return Path(home) / "store"
-
-
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root)

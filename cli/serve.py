@@ -9,8 +9,6 @@ import logging
 import sys
 import typing
 
-from pydantic import ValidationError
-
 
 def add_parser(sub) -> None:
     from hotpeft.server.config import Settings  # the server's modules: only for `serve`, not every command
@@ -42,6 +40,8 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hotpeft.server.app import create_app  # the server's modules: only for `serve`, not every command
+
+    from pydantic import ValidationError  # pydantic: only when the server starts
 
     try:
         settings = _settings_from(args)

@@ -48,3 +48,17 @@ def test_a_store_url_must_be_a_url_of_a_known_protocol(tmp_path):
     assert r.returncode == 2 and "--store-url" in r.stderr and "is not a URL" in r.stderr
     r = hotpeft("serve", "--store-url", "nosuchproto://bucket/x", "--home", str(tmp_path / "home"), "--port", "1")
     assert r.returncode == 2 and "--store-url 'nosuchproto://bucket/x'" in r.stderr
+
+
+def test_help_and_the_http_clients_start_without_torch():
+    """`hotpeft --help`, `hotpeft adapters ...` and `hotpeft loadtest` are HTTP clients or listings: they must
+    not pay for importing torch (nor SQLAlchemy). Checked on the interpreter's own import log."""
+    for args in (["--help"], ["adapters", "--help"], ["adapters", "list", "--help"], ["loadtest", "--help"],
+                 ["train", "--help"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "hotpeft.cli", *args], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "hotpeft" in imported and "argparse" in imported  # the log is what we think it is
+        assert not imported & {"torch", "transformers", "peft", "sqlalchemy"}, (args, imported & {"torch"})

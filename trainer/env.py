@@ -11,8 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from hotpeft.adapters.registry import default_registry_url
-from hotpeft.adapters.store import default_store_dir
+from hotpeft.adapters.paths import default_registry_url, default_store_dir
 from hotpeft.model.source import DEFAULT_MODEL_ID
 
 ENV_VAR = "HOTPEFT_TRAINER_ENV"  # a worker's record; never argv (a registry URL may hold a password)
