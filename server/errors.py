@@ -93,8 +93,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"Unrecognized request argument supplied: {'.'.join(loc)}", ".".join(loc)
     if err.get("type") == "missing":
         return f"Missing required parameter: '{'.'.join(loc)}'", ".".join(loc)
-    if not loc:
-        return msg, None
+    if not loc:  # a check of the whole body; it may still name its parameter
+        return msg, err.get("ctx", {}).get("param")
     return f"Invalid value for '{'.'.join(loc)}': {msg}", ".".join(loc)
 
 

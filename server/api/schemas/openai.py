@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # OpenAI parameters we know but do not implement: accepted only at their "off" value, so a
 # client that sends one for real gets a clear 400 instead of a silently different answer.
@@ -74,9 +75,11 @@ class _Request(BaseModel):
         if isinstance(data, dict):
             for key, off in _UNSUPPORTED_UNLESS_OFF.items():
                 if key in data and data[key] not in off:
-                    raise ValueError(f"'{key}' is not supported by hotpeft (supported: model, messages/prompt, "
-                                     "max_tokens, max_completion_tokens, temperature, top_p, n, seed, stop, stream, "
-                                     "stream_options)")
+                    # The error names the parameter (`param`), as OpenAI's errors do.
+                    raise PydanticCustomError(
+                        "unsupported_parameter", "'{param}' is not supported by hotpeft (supported: model, "
+                        "messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, seed, stop, stream, "
+                        "stream_options)", {"param": key})
             data = {k: v for k, v in data.items() if k not in _UNSUPPORTED_UNLESS_OFF}
         return data
 
