@@ -64,6 +64,14 @@ class Resolved:
         return BASE_KEY if self.record is None else self.record.key
 
 
+@dataclass(frozen=True)
+class Registered:
+    """What a registration did: the version that has the content, and whether it was already there."""
+
+    record: VersionRecord
+    unchanged: bool
+
+
 class AdapterCatalog:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore, base: BaseSpec, base_fingerprint: str, *,
                  max_lora_rank: int, allow_foreign_base: bool = False, max_cpu_bytes: int = 2 << 30):
@@ -89,6 +97,18 @@ class AdapterCatalog:
     def register_dir(self, name: str, path: Path, *, source: str, label: str | None = None, description: str = "",
                      source_detail: dict | None = None, metrics: dict | None = None) -> VersionRecord:
         """Validate the PEFT folder at `path` completely, store it, and add it as the active version."""
+        return self._register(name, path, source=source, label=label, description=description,
+                              source_detail=source_detail, metrics=metrics, reuse_identical=False).record
+
+    def register_or_reuse(self, name: str, path: Path, *, source: str, label: str | None = None,
+                          description: str = "", source_detail: dict | None = None) -> Registered:
+        """As `register_dir`, but content identical to a version of `name` adds no copy: that version
+        is returned (`unchanged`), and made the active one if it was not."""
+        return self._register(name, path, source=source, label=label, description=description,
+                              source_detail=source_detail, metrics=None, reuse_identical=True)
+
+    def _register(self, name: str, path: Path, *, source: str, label: str | None, description: str,
+                  source_detail: dict | None, metrics: dict | None, reuse_identical: bool) -> Registered:
         validate_name(name)
         parsed = self.validate_dir(path, label=label)
         with self.store.staging() as staged:
@@ -96,7 +116,14 @@ class AdapterCatalog:
                 shutil.copyfile(path / f, staged / f)
             if parsed.chat_template is not None:  # from chat_template.jinja or tokenizer_config.json
                 (staged / TEMPLATE_FILE).write_text(parsed.chat_template)
+            # Stored even when it is there already: putting it again repairs a damaged object.
             stored = self.store.put(staged, {"kind": parsed.kind, "base_fingerprint": self.base_fingerprint})
+        same = self._same_content(name, stored.key) if reuse_identical else None
+        if same is not None:
+            if self._snap.active.get(name) != same.version:
+                same = self.promote(name, same.version)
+            log.info("adapter %s: the content registered again is that of %s; no new version", name, same.key)
+            return Registered(same, unchanged=True)
         cfg = parsed.config
         new = NewVersion(
             kind=parsed.kind, base_model=self.base.model_id, base_fingerprint=self.base_fingerprint,
@@ -112,7 +139,13 @@ class AdapterCatalog:
         for w in parsed.warnings:
             log.warning("adapter %s: %s", record.key, w)
         log.info("registered adapter %s (%s, %d bytes, %s)", record.key, record.kind, record.size_bytes, source)
-        return record
+        return Registered(record, unchanged=False)
+
+    def _same_content(self, name: str, content_key: str) -> VersionRecord | None:
+        """The newest version of `name` whose stored content is `content_key`, as the registry has it now."""
+        self.refresh()
+        same = [r for r in self._snap.versions.get(name, {}).values() if r.store_key == content_key]
+        return max(same, key=lambda r: r.version, default=None)
 
     def register_merge(self, name: str, sources: list[tuple[str, float]], strategy: str, *,
                        density: float | None = None, description: str = "", param: str = "sources") -> VersionRecord:

@@ -10,8 +10,9 @@
     hotpeft adapters merge NAME SOURCE=WEIGHT ... [--strategy S] [--density D]
 
 --url (env HOTPEFT_URL) and --api-key (an admin key of a server started with keys; env
-HOTPEFT_ADMIN_KEY, else HOTPEFT_API_KEY) go before or after the operation. Prints the server's JSON answer; on
-an error prints its message and exits 1.
+HOTPEFT_ADMIN_KEY, else HOTPEFT_API_KEY) and --json go before or after the operation. Prints a table
+or a sentence naming what changed (--json: the server's JSON answer); on an error prints its
+message and exits 1.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from hotpeft.cli import views
 
 UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer_config.json")
 STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -36,6 +39,8 @@ def _connection(defaults: bool) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=_default_key() if defaults else unset, metavar="KEY",
                    help="bearer key sent to a server started with --admin-key: these operations need an admin key "
                         "(env: the first of HOTPEFT_ADMIN_KEY, else of HOTPEFT_API_KEY)")
+    p.add_argument("--json", action="store_true", default=False if defaults else unset,
+                   help="print the server's JSON answer instead of a table")
     return p
 
 
@@ -68,6 +73,8 @@ def add_parser(sub) -> None:
     add.add_argument("--description", default="")
     add.add_argument("--by-path", action="store_true",
                      help="send the folder's path instead of its files (it must be under the server's --import-root)")
+    add.add_argument("--force-new-version", action="store_true",
+                     help="add a version even when the content is that of an existing version of NAME")
     rm = op("rm", "delete NAME (every version) or NAME@N")
     rm.add_argument("ref")
     for name, what in (("load", "make resident in the engine"), ("unload", "drop to disk")):
@@ -123,13 +130,16 @@ def _request(client, args: argparse.Namespace):
     folder = Path(args.folder)
     if args.by_path:
         return client.post("/v1/adapters", json={"name": args.name, "path": str(folder.resolve()),
-                                                 "description": args.description})
+                                                 "description": args.description,
+                                                 "force_new_version": args.force_new_version})
     if not folder.is_dir():
         raise SystemExit(f"hotpeft adapters add: {folder} is not a folder")
     handles = [open(folder / f, "rb") for f in UPLOADED if (folder / f).is_file()]
     try:
         files = [("files", (Path(h.name).name, h)) for h in handles]
-        return client.post("/v1/adapters", data={"name": args.name, "description": args.description}, files=files)
+        form = {"name": args.name, "description": args.description,
+                "force_new_version": "true" if args.force_new_version else "false"}
+        return client.post("/v1/adapters", data=form, files=files)
     finally:
         for h in handles:
             h.close()
@@ -155,5 +165,5 @@ def main(args: argparse.Namespace) -> int:
                 403: " (the key given with --api-key is not an admin key of this server)"}.get(response.status_code, "")
         print(f"hotpeft adapters {args.op}: {response.status_code}: {message}{hint}", file=sys.stderr)
         return 1
-    print(json.dumps(body, indent=2))
+    print(json.dumps(body, indent=2) if args.json else views.render(args.op, body, getattr(args, "ref", None)))
     return 0

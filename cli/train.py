@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none", help="precision of the base")
     _add_env_flags(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo-data", help="write the demo data sets (support-chat summaries, ticket intents)")
     d.add_argument("--out", type=Path, default=Path("demo"), help="folder to write the JSONL files to")
@@ -140,25 +142,39 @@ def _scalar(hint):
     return args[0] if args else hint
 
 
-class _Bar:
-    """A tqdm bar: steps, loss, ETA."""
+class _Progress:
+    """tqdm bars on stderr: training (steps, loss, ETA), then one per evaluated model (examples, ETA)."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
+        self.enabled, self.bar, self.label = enabled, None, None
 
-    def __call__(self, step: int, total: int, loss: float, elapsed: float) -> None:
-        if not self.enabled:
-            return
+    def _bar(self, label: str, total: int, unit: str, elapsed: float = 0.0):
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
+        if self.bar is None or self.label != label:
+            self.close()
+            # smoothing=0: the average rate since the start, which is set `elapsed` seconds back, so the
+            # first update's rate is right (not the time since the bar was drawn)
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0)
+            self.bar.start_t = self.bar.last_print_t = time.time() - elapsed
+            self.label = label
+        return self.bar
+
+    def train(self, step: int, total: int, loss: float, elapsed: float) -> None:
+        if self.enabled:
+            bar = self._bar("training", total, "step", elapsed)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    def evaluate(self, label: str, done: int, total: int) -> None:
+        if self.enabled:
+            bar = self._bar(f"evaluating {label}", total, "example")
+            bar.update(done - bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -171,7 +187,7 @@ def train_main(args: argparse.Namespace) -> int:
         print(f"hotpeft train: {e.message}", file=sys.stderr)
         return 2
     _quiet()
-    bar = _Bar(not args.no_progress)
+    bar = _Progress(not args.no_progress)
 
     def say(message: str, data: dict | None = None) -> None:  # the table is printed once, at the end
         if not args.json and not message.startswith("Evaluation"):
@@ -179,7 +195,8 @@ def train_main(args: argparse.Namespace) -> int:
 
     try:
         try:
-            outcome = run_training(cfg, args.data, args.validation, env, progress=bar, events=say)
+            outcome = run_training(cfg, args.data, args.validation, env, progress=bar.train, events=say,
+                                   eval_progress=bar.evaluate)
         finally:
             bar.close()
     except TrainerError as e:
@@ -196,11 +213,18 @@ def train_main(args: argparse.Namespace) -> int:
 def eval_main(args: argparse.Namespace) -> int:
     from hotpeft.trainer.eval_adapters import evaluate_adapters  # imports torch: only when evaluating
 
+    _quiet()
+    bar = _Progress(not args.no_progress)
     try:
         env = _env(args)
-        table, metrics = evaluate_adapters(env, args.adapter, args.data, template=unescape(args.template), limit=args.limit,
-                                           max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                                           quantize=args.quantize)
+        print(f"loading the base and evaluating it and {len(args.adapter)} adapter(s) on {args.data}", file=sys.stderr)
+        try:
+            table, metrics = evaluate_adapters(env, args.adapter, args.data, template=unescape(args.template),
+                                               limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                               max_length=args.max_length, quantize=args.quantize,
+                                               progress=bar.evaluate)
+        finally:
+            bar.close()
     except TrainerError as e:
         print(f"hotpeft eval: {e.message}", file=sys.stderr)
         return 2

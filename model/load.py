@@ -36,6 +36,11 @@ class LoadedBase:
     max_model_len: int
     arch: Architecture
 
+    @property
+    def precision(self) -> str:
+        """How the weights are held: the quantization (int8, nf4), or the dtype of unquantized ones."""
+        return self.quantization if self.quantization != "none" else str(self.dtype).removeprefix("torch.")
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def needs_conversion(model: str, home: Path) -> bool:
+    """Whether resolving `model` will first convert the embedded GGUF (tens of seconds, once per home)."""
+    return model in (DEFAULT_MODEL_ID, "default") and not is_complete(_cache_dir(home, DEFAULT_MODEL_ID))
+
+
+CONVERSION_NOTE = "once per home; usually 20 to 60 s, about 520 MB written"
+
+
 def convert_embedded(home: Path) -> Path:
     """Dequantize the embedded GGUF once into a safetensors HF directory under the home."""
     target = _cache_dir(home, DEFAULT_MODEL_ID)
@@ -66,7 +75,9 @@ def convert_embedded(home: Path) -> Path:
 
     quiet_transformers()
     gguf = embedded_gguf_path()
-    log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    log.info("converting the embedded default model %s to safetensors under %s (%s)", gguf.name, target,
+             CONVERSION_NOTE)
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
@@ -89,6 +100,7 @@ def convert_embedded(home: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.info("converted in %.0f s; later starts read %s", time.perf_counter() - started, target)
     return target
 
 

@@ -1,48 +1,52 @@
 """Write two small PEFT adapters for the default model, to try the server before training any.
 
-    .venv/bin/python scripts/demo_adapters.py [--home ~/.hotpeft] [--out ./demo-adapters]
+    .venv/bin/python scripts/demo_adapters.py [--home DIR] [--out ./demo-adapters] [--only noisy] [--seed 1]
 
 - `pirate`: prompt tuning (20 virtual tokens) initialised from the embeddings of an instruction
   text (PEFT's prompt_tuning_init="TEXT"): a soft prompt that steers without any training.
 - `noisy`: a rank-8 LoRA on attention and MLP with small random weights: it is not trained and
   only shows that a LoRA changes the output; `hotpeft train` makes useful ones.
-Both are standard PEFT folders (adapter_config.json + adapter_model.safetensors).
+Both are standard PEFT folders (adapter_config.json + adapter_model.safetensors). The base is
+read from the home (--home, else HOTPEFT_HOME, else ~/.hotpeft), converted there once if needed;
+nothing is fetched from the network.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+# Set before transformers and peft are imported: the base is local, so no hub look-up may happen
+# (PEFT would otherwise try to fetch the base's config to decide about embedding layers).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hotpeft.model.source import DEFAULT_MODEL_ID, resolve_model
+import torch  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from hotpeft.model.source import DEFAULT_MODEL_ID, resolve_model  # noqa: E402
 
 
 def save(peft_model, out: Path) -> None:
     # Name the canonical base id, not the local cache folder the model was loaded from.
     peft_model.peft_config["default"].base_model_name_or_path = DEFAULT_MODEL_ID
-    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    (out / "README.md").unlink(missing_ok=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--home", type=Path, default=Path("~/.hotpeft").expanduser())
-    ap.add_argument("--out", type=Path, default=Path("demo-adapters"))
-    args = ap.parse_args()
-    src = resolve_model(DEFAULT_MODEL_ID, args.home)
-
+def pirate(src, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32)
     pt = PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="TEXT",
         prompt_tuning_init_text="You are a pirate. Answer every question like a pirate, with arr and matey.",
         tokenizer_name_or_path=str(src.path), base_model_name_or_path=DEFAULT_MODEL_ID,
     )
-    save(get_peft_model(model, pt), args.out / "pirate")
+    save(get_peft_model(model, pt), out)
 
+
+def noisy(src, out: Path, seed: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
                       init_lora_weights=False, task_type="CAUSAL_LM", base_model_name_or_path=DEFAULT_MODEL_ID)
     peft_model = get_peft_model(model, lora)
@@ -50,8 +54,26 @@ def main() -> None:
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.mul_(0.02)
-    save(peft_model, args.out / "noisy")
-    print(f"wrote {args.out / 'pirate'} and {args.out / 'noisy'}")
+    save(peft_model, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=Path(os.environ.get("HOTPEFT_HOME", "~/.hotpeft")).expanduser(),
+                    help="hotpeft home holding the converted base (env HOTPEFT_HOME; default ~/.hotpeft)")
+    ap.add_argument("--out", type=Path, default=Path("demo-adapters"))
+    ap.add_argument("--only", choices=("pirate", "noisy"), help="write only this adapter")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the noisy LoRA's weights (another seed: other weights)")
+    args = ap.parse_args()
+    src = resolve_model(DEFAULT_MODEL_ID, args.home.expanduser())
+    written = []
+    if args.only in (None, "pirate"):
+        pirate(src, args.out / "pirate")
+        written.append(args.out / "pirate")
+    if args.only in (None, "noisy"):
+        noisy(src, args.out / "noisy", args.seed)
+        written.append(args.out / "noisy")
+    print("wrote " + " and ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

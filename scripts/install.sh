@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install hotpeft into ./.venv (or $HOTPEFT_VENV). `--test` adds the test needs.
+# Install hotpeft into ./.venv (or $HOTPEFT_VENV), with the `openai` client the README's examples
+# use. `--test` adds the test needs.
 #
 # torch is installed before hotpeft, so pip never chooses a torch build on our behalf:
 #  - a torch already importable by the base Python (a CUDA build on a GPU machine) is kept:
@@ -12,8 +13,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${HOTPEFT_VENV:-.venv}
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+extras="[client]"
+[ "${1:-}" = "--test" ] && extras="[client,test]"
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then
@@ -34,7 +35,7 @@ fi
 # System packages the tests drive for real (Debian's): PostgreSQL (registry tests), Prometheus and
 # promtool (deploy/ tests), Chromium (the dashboard in a headless browser). Without them those
 # tests skip and say why.
-if [ -n "$extras" ]; then
+if [ "${1:-}" = "--test" ]; then
   need=()
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
   command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)

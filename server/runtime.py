@@ -54,11 +54,9 @@ def build_runtime(settings: Settings, engine: Engine | None = None, report_jobs:
     base = load_base(source, None if settings.quantize == "auto" else settings.quantize,
                      device=device if local else torch.device("cpu"), dtype=dtype,
                      max_model_len=settings.max_model_len, weights=local)
-    log.info(
-        "base %s resident on %s: precision %s (compute %s), %.1f MiB, context %d tokens, loaded in %.1fs",
-        base.model_id, device, base.quantization, str(dtype).removeprefix("torch."), base.resident_bytes / 2**20,
-        base.max_model_len, time.perf_counter() - t0,
-    )
+    compute = "" if base.quantization == "none" else f" (compute {str(dtype).removeprefix('torch.')})"
+    log.info("base %s resident on %s: precision %s%s, %.1f MiB, context %d tokens, loaded in %.1fs", base.model_id,
+             device, base.precision, compute, base.resident_bytes / 2**20, base.max_model_len, time.perf_counter() - t0)
     catalog = open_catalog(settings, base)
     if engine is None:
         engine = make_engine(settings, base)

@@ -54,11 +54,13 @@ def client(server):
     return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def upload(http, name, folder: Path, *, description="", extra: dict[str, bytes] | None = None, skip=()):
+def upload(http, name, folder: Path, *, description="", extra: dict[str, bytes] | None = None, skip=(),
+           force_new_version: bool = False):
     files = [("files", (f.name, f.read_bytes())) for f in sorted(folder.iterdir())
              if f.is_file() and f.name not in skip]
     files += [("files", (fname, data)) for fname, data in (extra or {}).items()]
-    return http.post("/v1/adapters", data={"name": name, "description": description}, files=files)
+    data = {"name": name, "description": description} | ({"force_new_version": "true"} if force_new_version else {})
+    return http.post("/v1/adapters", data=data, files=files)
 
 
 def complete(client, model, max_tokens=8, **extra):
@@ -119,7 +121,7 @@ def test_upload_list_show_promote_delete(http, client, tiny_dirs):
     assert http.delete("/v1/adapters/ops@1").json()["versions"] == [1]
     assert http.get("/v1/adapters/ops").json()["active_version"] == 2
     assert http.delete("/v1/adapters/ops").json() == {"object": "adapter.deleted", "name": "ops", "versions": [2],
-                                                      "deleted": True}
+                                                      "deleted": True, "active_version": None}
     assert_error(http.post("/v1/completions", json={"model": "ops", "prompt": "x", "max_tokens": 1}), 404,
                  param="model", match="'ops' does not exist")
     assert upload(http, "ops", tiny_dirs["adapters"] / "lora-attn").json()["version"] == 3  # numbers not reused
@@ -217,8 +219,8 @@ def test_two_clients_registering_one_name_get_consecutive_versions(server, tiny_
 
     def worker(folder):
         with httpx.Client(base_url=server.url, timeout=120) as c:
-            for _ in range(3):
-                results.append(upload(c, "race", folder))
+            for _ in range(3):  # the same content again: a copy only because it is asked for
+                results.append(upload(c, "race", folder, force_new_version=True))
 
     threads = [threading.Thread(target=worker, args=(tiny_dirs["adapters"] / n,)) for n in ("lora-attn", "soft")]
     for t in threads:
@@ -299,6 +301,28 @@ def test_deleting_an_adapter_lets_running_requests_finish(server, http, client, 
     assert_error(http.post("/v1/completions", json={"model": "doomed", "prompt": "x", "max_tokens": 1}), 404)
 
 
+def test_the_same_content_again_is_the_version_that_has_it(http, tiny_dirs):
+    first = upload(http, "again", tiny_dirs["adapters"] / "lora-attn")
+    assert first.status_code == 201 and first.json()["unchanged"] is False
+    second = upload(http, "again", tiny_dirs["adapters"] / "soft")
+    assert second.status_code == 201 and second.json()["version"] == 2
+    same = upload(http, "again", tiny_dirs["adapters"] / "soft", description="ignored: nothing new is stored")
+    assert same.status_code == 200, same.text
+    assert (same.json()["version"], same.json()["unchanged"], same.json()["active"]) == (2, True, True)
+    older = upload(http, "again", tiny_dirs["adapters"] / "lora-attn")  # v1's content: v1 becomes active again
+    assert older.status_code == 200 and (older.json()["version"], older.json()["active"]) == (1, True)
+    shown = http.get("/v1/adapters/again").json()
+    assert shown["active_version"] == 1 and [v["version"] for v in shown["versions"]] == [1, 2]
+    forced = upload(http, "again", tiny_dirs["adapters"] / "lora-attn", force_new_version=True)
+    assert forced.status_code == 201 and (forced.json()["version"], forced.json()["unchanged"]) == (3, False)
+    assert forced.json()["sha256"] == older.json()["sha256"]
+    files = [("files", (f.name, f.read_bytes())) for f in sorted((tiny_dirs["adapters"] / "lora-attn").iterdir())]
+    bad = http.post("/v1/adapters", data={"name": "again", "force_new_version": "perhaps"}, files=files)
+    assert_error(bad, 400, param="force_new_version", match="true or false")
+    deleted = http.delete("/v1/adapters/again@3").json()  # the active one: the newest left becomes active
+    assert (deleted["versions"], deleted["active_version"]) == ([3], 2)
+
+
 def test_hot_swap_under_load_never_fails_and_never_mixes_versions(server, http, client, tiny_dirs, tmp_path):
     from openai import OpenAI
 
@@ -355,7 +379,7 @@ def test_hot_swap_under_load_never_fails_and_never_mixes_versions(server, http, 
 
 def test_cli_does_every_operation(server, tiny_dirs, extra_adapters, roots):
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "hotpeft.cli", "adapters", "--url", server.url, *args],
+        r = subprocess.run([sys.executable, "-m", "hotpeft.cli", "adapters", "--url", server.url, "--json", *args],
                            capture_output=True, text=True, timeout=120)
         return r.returncode, (json.loads(r.stdout) if r.returncode == 0 else r.stderr)
 
@@ -498,3 +522,40 @@ def test_servers_without_a_shared_folder_share_adapters_through_a_store_url(tiny
     finally:
         for s in servers:
             s.stop()
+
+
+def test_cli_answers_in_words_and_tables_naming_what_changed(server, tiny_dirs, extra_adapters):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "hotpeft.cli", "adapters", *args, "--url", server.url],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    attn, r4 = tiny_dirs["adapters"] / "lora-attn", extra_adapters["lora-r4"]
+    assert cli("add", "words", str(attn)) == "registered words@1 (lora, rank 8, " \
+        f"{cli_size(attn)}); it is the active version"
+    assert cli("add", "words", str(r4)).startswith("registered words@2 (lora, rank 4, ")
+    again = cli("add", "words", str(r4))
+    assert again.startswith("unchanged: words@2 already has this content") and "--force-new-version" in again
+    assert cli("add", "words", str(r4), "--force-new-version").startswith("registered words@3 ")
+    listing = cli("list").splitlines()
+    assert listing[0].split() == ["NAME", "VERSIONS", "ACTIVE", "KIND", "RANK", "SIZE", "RESIDENCY", "(active)"]
+    row = next(line.split() for line in listing if line.startswith("words "))
+    assert row[:5] == ["words", "1,2,3", "@3", "lora", "4"]
+    assert any(line.startswith("device tier: ") for line in listing)
+    shown = cli("show", "words").splitlines()
+    assert shown[0] == "words (active @3, * below)" and shown[1].split()[:3] == ["VERSION", "KIND", "RANK"]
+    assert cli("show", "words@1").splitlines()[0].split() == ["version", "words@1"]
+    assert cli("rm", "words@3") == "deleted words@3; active is now words@2"
+    assert cli("promote", "words", "1") == "active is now words@1"
+    assert cli("load", "words", "--pin") == "words@1 is resident (device, pinned)"
+    assert cli("load", "words") == "words@1 is resident (device, pinned); it already was"
+    assert cli("unload", "words") == "words@1 unloaded (now disk)"
+    assert cli("rm", "words") == "deleted words@1, words@2; no version of words is left"
+
+
+def cli_size(folder: Path) -> str:
+    from hotpeft.cli.views import size
+
+    stored = ("adapter_config.json", "adapter_model.safetensors", "chat_template.jinja")
+    return size(sum((folder / f).stat().st_size for f in stored if (folder / f).is_file()))

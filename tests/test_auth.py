@@ -198,7 +198,8 @@ def test_the_adapters_cli_sends_a_key_and_names_the_flag_when_refused(keyed):
 @pytest.mark.parametrize("order", ["before", "after", "split"])
 def test_the_adapters_cli_takes_its_options_before_or_after_the_operation(keyed, order):
     url, key = ["--url", keyed.url], ["--api-key", ADMIN_KEY]
-    args = {"before": [*url, *key, "list"], "after": ["list", *url, *key], "split": [*url, "list", *key]}[order]
+    args = {"before": [*url, *key, "--json", "list"], "after": ["list", *url, *key, "--json"],
+            "split": [*url, "--json", "list", *key]}[order]
     proc = _adapters_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert "lora-attn" in {a["name"] for a in json.loads(proc.stdout)["data"]}

@@ -100,3 +100,42 @@ def test_dashboard_asks_for_a_key_when_the_server_has_keys(tiny_dirs, tmp_path):
                 browser.close()
     finally:
         server.stop()
+
+
+def test_dashboard_tables_fit_their_cards_at_1280_px(tiny_server, client):
+    """With many big tiers' figures and ten training jobs (long names, every stage), no table is wider than its
+    card and the page has no horizontal scroll bar, at 1280 px and wider."""
+    import json
+
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    client.chat.completions.create(model="lora-attn", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    data = httpx.get(tiny_server.url + "/dashboard/data").json()
+    for tier in data["tiers"].values():
+        tier.update(bytes=123_456_789_012, limit=987_654_321_098, loads=123456, evictions=654321, hits=98765432,
+                    misses=12345678)
+    data["jobs"] = [{"id": f"ftjob-{i:024d}", "adapter": f"support-summaries-lora-rank-16-{i:02d}", "method": "prompt_tuning",
+                     "status": "running", "stage": "evaluating", "created_at": 0,
+                     "progress": {"step": 7, "total_steps": 20, "train_loss": 1.2345, "eta_s": 12.5}} for i in range(10)]
+    body = json.dumps(data)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            for width, height in ((1280, 800), (1600, 900)):
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.route("**/dashboard/data", lambda route: route.fulfill(status=200, body=body,
+                                                                            content_type="application/json"))
+                page.goto(tiny_server.url + "/dashboard")
+                page.wait_for_function("() => document.querySelectorAll('#jobs tr').length === 11", timeout=15000)
+                widths = page.evaluate("""() => [...document.querySelectorAll('section table')].map(t => ({
+                    id: t.id, table: t.getBoundingClientRect().width,
+                    card: t.closest('section').clientWidth - 24}))""")
+                assert len(widths) == 2 and all(w["table"] <= w["card"] + 0.5 for w in widths), (width, widths)
+                assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), width
+                if width == 1280:
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    page.screenshot(path=str(ARTIFACTS / "dashboard-1280.png"), full_page=True)
+                page.close()
+        finally:
+            browser.close()

@@ -138,3 +138,27 @@ def test_lora_trained_on_the_demo_task_beats_the_base_on_rouge_l(server, model_h
         time.sleep(0.2)
     assert r.status_code == 200 and r.headers["x-hotpeft-adapter"] == result["adapter"]
     assert "contacted support" in r.json()["choices"][0]["text"]
+
+
+def test_the_demo_script_uses_the_home_it_is_given_and_no_network(source, model_home, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "demo_adapters.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HOTPEFT_"))}
+    env |= {"HOME": str(tmp_path / "user"), "HOTPEFT_HOME": str(model_home)}
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "user" / ".hotpeft").exists()  # no second conversion under ~/.hotpeft
+    assert "Unable to fetch remote file" not in r.stderr and "Name or service not known" not in r.stderr
+    for name in ("pirate", "noisy"):
+        files = {p.name for p in (tmp_path / "out" / name).iterdir()}
+        assert files == {"adapter_config.json", "adapter_model.safetensors"}
+    again = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "v2"), "--only", "noisy", "--seed", "1"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and not (tmp_path / "v2" / "pirate").exists()
+    first = (tmp_path / "out" / "noisy" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "v2" / "noisy" / "adapter_model.safetensors").read_bytes() != first  # other weights

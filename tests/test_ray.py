@@ -238,23 +238,34 @@ def test_a_real_prometheus_aggregates_across_replicas(ray_server, tmp_path):
     panel = lambda title: next(p for p in board["panels"] if p["title"] == title)  # noqa: E731
     everything = lambda expr: (expr.replace("$adapter", ".*").replace("$replica", ".*")  # noqa: E731
                                .replace("$__rate_interval", "1m"))
+    models = ("lora-attn", "affinity-a", "affinity-b", "tiny-llama")
+
+    def one_round() -> set[str]:
+        replicas = set()
+        for model in models:
+            r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
+                           json={"model": model, "prompt": "x", "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            replicas.add(r.headers["x-hotpeft-replica"])
+        return replicas
+
     with prometheus_scraping(ray_server, tmp_path, prometheus) as (query, _):
-        time.sleep(1.5)  # one scrape before the traffic, so that rate() sees it
+        one_round()  # the request series exist before the measured traffic...
+        time.sleep(1.5)  # ...and are scraped once, so that rate() sees the traffic as an increase
         served = set()
         for _ in range(3):
-            for model in ("lora-attn", "affinity-a", "affinity-b", "tiny-llama"):
-                r = httpx.post(ray_server.url + "/v1/completions", timeout=120,
-                               json={"model": model, "prompt": "x", "max_tokens": 3})
-                assert r.status_code == 200, r.text
-                served.add(r.headers["x-hotpeft-replica"])
+            served |= one_round()
             time.sleep(0.5)
         ttft = everything(panel("Time to first token p50 / p95")["targets"][1]["expr"])
         result = wait_for(lambda: (r := query(ttft)) and {"lora-attn", "affinity-a", "tiny-llama"} <= {
             x["metric"]["adapter"] for x in r if x["value"][1] != "NaN"} and r, 30, what="p95 TTFT per adapter")
         assert all("replica" not in x["metric"] for x in result)  # one series per adapter, over every replica
         per_replica = everything(panel("Requests/s per engine replica")["targets"][0]["expr"])
-        wait_for(lambda: {x["metric"].get("replica") for x in query(per_replica) if float(x["value"][1]) > 0}
-                 >= served, 30, what="requests per replica")
+        # Traffic goes on while we wait: a base request's replica is Serve's choice, and a series that a
+        # replica started during the traffic needs a later increase for rate() to count it.
+        wait_for(lambda: one_round() is not None and {
+            x["metric"].get("replica") for x in query(per_replica) if float(x["value"][1]) > 0} >= served, 30,
+            what="requests per replica")
 
 
 def _resident(server, replica: str) -> list[str]:

@@ -85,6 +85,9 @@ def test_progress_bar_and_table_on_a_terminal_run(trainer_server, tiny_dirs, wor
                  "--validation", str(word_data["pairs_valid"]))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "training: 100%" in done.stderr and "3/3" in done.stderr and "loss=" in done.stderr
+    # one bar per evaluated model: 8 held-out examples for the loss, 8 generated from
+    assert "evaluating base: 100%" in done.stderr and "evaluating cli-table: 100%" in done.stderr
+    assert "16/16" in done.stderr
     for row in ("held-out loss", "ROUGE-1", "ROUGE-L", "exact match", "trainable params", "training tokens/s",
                 "peak memory (MiB)", "adapter size (bytes)"):
         assert row in done.stdout
@@ -107,6 +110,7 @@ def test_eval_compares_base_and_adapters_side_by_side(trainer_server, tiny_dirs,
                     "--data", str(word_data["pairs_valid"]), "--max-new-tokens", "4")
     # a bare name is the active version: version 2, trained above
     assert table.returncode == 0 and "held-out loss" in table.stdout and f"{lora}@2" in table.stdout
+    assert "evaluating base: 100%" in table.stderr and f"evaluating {lora}@2: 100%" in table.stderr
 
 
 def test_min_improvement_refuses_to_register(trainer_server, tiny_dirs, word_data):

@@ -1,6 +1,7 @@
 """`hotpeft eval`: the base and registered adapters side by side on one JSONL file."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from hotpeft.trainer.train import compute_dtype, pad_id
 
 
 def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, template: str | None, limit: int,
-                      max_new_tokens: int, max_length: int, quantize: str = "none") -> tuple[str, dict]:
+                      max_new_tokens: int, max_length: int, quantize: str = "none",
+                      progress: Callable[[str, int, int], None] = lambda label, done, total: None) -> tuple[str, dict]:
+    """The base and each adapter on every example of `path`; `progress(label, done, total)` per batch."""
     from peft import PeftModel
 
     if template is not None and template.count("{prompt}") != 1:
@@ -45,12 +48,14 @@ def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, templ
         catalog.close()
     common = dict(device=device, eos_ids=sorted(eos_ids(base)), pad=pad_id(base.tokenizer),
                   max_new_tokens=max_new_tokens, limit=limit)
-    columns = {"base" + ("" if base.quantization == "none" else f" ({base.quantization})"):
-               evaluate(base.model, base.tokenizer, examples, **common)}
+    base_label = "base" + ("" if base.quantization == "none" else f" ({base.quantization})")
+    columns = {base_label: evaluate(base.model, base.tokenizer, examples, **common,
+                                    progress=lambda done, total: progress(base_label, done, total))}
     model = base.model
     for record, folder in resolved:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=record.name)
-        columns[record.key] = evaluate(peft_model, base.tokenizer, examples, **common)
+        columns[record.key] = evaluate(peft_model, base.tokenizer, examples, **common,
+                                       progress=lambda done, total, key=record.key: progress(key, done, total))
         # LoRA layers were injected into the base: take them out before the next adapter.
         model = peft_model.unload() if record.kind == "lora" else peft_model.get_base_model()
     return format_table(columns), columns

@@ -1,7 +1,7 @@
 """Held-out evaluation: loss on the completion tokens, and greedy generations scored with ROUGE-1/2/L
 (the rouge-score package) and exact match. The same code scores the base and every adapter.
 
-    hotpeft eval --adapter NAME [--adapter OTHER ...] --data FILE   (see trainer/cli.py)
+    hotpeft eval --adapter NAME [--adapter OTHER ...] --data FILE   (see hotpeft/cli/train.py)
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from hotpeft.trainer.data import IGNORE, Encoded
 from hotpeft.trainer.errors import JobCancelled
 
 GEN_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match")
+# (examples done, examples in all) after each batch: the loss pass and the generation pass together
+EvalProgress = Callable[[int, int], None]
 
 
 def normalize(text: str) -> str:
@@ -23,7 +25,8 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def held_out_loss(model, examples: list[Encoded], pad: int, device: torch.device, batch_size: int = 8,
-                  should_stop: Callable[[], bool] = lambda: False) -> float:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_batch: Callable[[int], None] = lambda n: None) -> float:
     """Mean cross-entropy per completion token (teacher-forced)."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
@@ -42,12 +45,14 @@ def held_out_loss(model, examples: list[Encoded], pad: int, device: torch.device
         n = int((labels[:, 1:] != IGNORE).sum())  # the model's loss is the mean over shifted labels
         total += float(out.loss) * n
         count += n
+        on_batch(len(chunk))
     return total / max(1, count)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad: int,
-             device: torch.device, batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+             device: torch.device, batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False,
+             on_batch: Callable[[int], None] = lambda n: None) -> list[str]:
     """Greedy continuations, left-padded batches; decoded without special tokens."""
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
@@ -64,6 +69,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                              do_sample=False, eos_token_id=eos_ids, pad_token_id=pad)
         for row in out[:, width:]:
             texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+        on_batch(len(chunk))
     return texts
 
 
@@ -82,13 +88,21 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def evaluate(model, tokenizer, examples: list[Encoded], *, device: torch.device, eos_ids: list[int], pad: int,
-             max_new_tokens: int, limit: int, should_stop: Callable[[], bool] = lambda: False) -> dict:
+             max_new_tokens: int, limit: int, should_stop: Callable[[], bool] = lambda: False,
+             progress: EvalProgress = lambda done, total: None) -> dict:
     """{"loss", "rouge1", "rouge2", "rougeL", "exact_match", "examples", "generated", "samples"}."""
     model.eval()
-    loss = held_out_loss(model, examples, pad, device, should_stop=should_stop)
     subset = examples[:limit]
+    done, total = [0], len(examples) + len(subset)
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        progress(done[0], total)
+
+    progress(0, total)
+    loss = held_out_loss(model, examples, pad, device, should_stop=should_stop, on_batch=on_batch)
     preds = generate(model, tokenizer, [e.prompt_ids for e in subset], max_new_tokens=max_new_tokens,
-                     eos_ids=eos_ids, pad=pad, device=device, should_stop=should_stop)
+                     eos_ids=eos_ids, pad=pad, device=device, should_stop=should_stop, on_batch=on_batch)
     refs = [e.reference for e in subset]
     metrics = {"loss": loss, **score(preds, refs), "examples": len(examples), "generated": len(subset)}
     metrics["samples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]

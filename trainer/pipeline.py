@@ -21,7 +21,7 @@ from hotpeft.adapters import AdapterCatalog, AdapterRegistry, BaseSpec, VersionR
 from hotpeft.adapters.faults import failpoint
 from hotpeft.adapters.store import open_store, pid_alive
 from hotpeft.model.load import LoadedBase, default_device, eos_ids
-from hotpeft.model.source import ModelSource, ModelUnavailable, resolve_model
+from hotpeft.model.source import CONVERSION_NOTE, ModelSource, ModelUnavailable, needs_conversion, resolve_model
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.env import TrainerEnv
@@ -74,12 +74,16 @@ def _workdir(home: Path) -> Path:
 def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, env: TrainerEnv, *,
                  job_id: str | None = None, progress=None, events: Events = lambda m, d=None: None,
                  should_stop: Callable[[], bool] = lambda: False,
-                 before_register: Callable[[], None] = lambda: None) -> TrainOutcome:
+                 before_register: Callable[[], None] = lambda: None,
+                 eval_progress: Callable[[str, int, int], None] = lambda label, done, total: None) -> TrainOutcome:
+    """`progress`: training steps; `eval_progress(label, done, total)`: evaluation of the base, then the adapter."""
     if cfg.method in ("lora", "qlora") and cfg.rank > env.max_lora_rank:
         raise ConfigInvalid("rank", f"--rank {cfg.rank} is above the servers' --max-lora-rank {env.max_lora_rank}; "
                                     f"lower --rank or raise --max-lora-rank")
     if env.threads:
         torch.set_num_threads(env.threads)
+    if needs_conversion(env.model, env.home):
+        events(f"Converting the embedded default model to safetensors under {env.home} ({CONVERSION_NOTE})", None)
     source = resolve_base(env)
     device = torch_device(env)
     events(f"Loading the base model {source.model_id}" + (" in 4-bit nf4" if cfg.method == "qlora" else ""), None)
@@ -108,8 +112,10 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
                       limit=cfg.eval_limit, should_stop=should_stop)
         events(f"Evaluating the base and the adapter on {len(prepared.valid)} held-out examples", None)
         with peft_model.disable_adapter():
-            base_metrics = evaluate(peft_model, tok, prepared.valid, **common)
-        adapter_metrics = evaluate(peft_model, tok, prepared.valid, **common)
+            base_metrics = evaluate(peft_model, tok, prepared.valid, **common,
+                                    progress=lambda done, total: eval_progress("base", done, total))
+        adapter_metrics = evaluate(peft_model, tok, prepared.valid, **common,
+                                   progress=lambda done, total: eval_progress(cfg.name, done, total))
         out = workdir / "adapter"
         # save_embedding_layers=False: the embeddings are not trained (and checking would look the base up on the hub)
         peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)

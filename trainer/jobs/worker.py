@@ -49,6 +49,7 @@ class Reporter:
     def __init__(self, store: JobStore, job_id: str, every_s: float = 2.0):
         self.store, self.job_id, self.every_s = store, job_id, every_s
         self._last = 0.0
+        self._eval_started = 0.0
 
     def __call__(self, step: int, total: int, loss: float, elapsed: float) -> None:
         now = time.monotonic()
@@ -62,6 +63,21 @@ class Reporter:
                               estimated_finish=int(time.time() + eta))
         self.store.add_event(self.job_id, f"Step {step}/{total}: training loss={loss:.4f}", type="metrics",
                              data=progress)
+
+    def evaluating(self, label: str, done: int, total: int) -> None:
+        """Evaluation of the base, then the adapter: the job's stage, and an event every few seconds."""
+        now = time.monotonic()
+        if done == 0:
+            self._eval_started = now
+            self.store.transition(self.job_id, ("running",), not_stage="registering", stage="evaluating")
+        if now - self._last < self.every_s and 0 < done < total:
+            return
+        self._last = now
+        elapsed = now - self._eval_started
+        eta = elapsed / done * (total - done) if done else None
+        self.store.add_event(self.job_id, f"Evaluating {label}: {done}/{total} examples"
+                             + (f", about {eta:.0f} s left" if eta is not None and done < total else ""),
+                             data={"evaluating": label, "done": done, "total": total})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = TrainConfig(**job.config)
+        reporter = Reporter(store, job_id)
         stage("training")
         outcome = run_training(
             cfg, store.file_path(job.training_file),
             store.file_path(job.validation_file) if job.validation_file else None, env, job_id=job_id,
-            progress=Reporter(store, job_id), events=events, should_stop=should_stop, before_register=before_register,
+            progress=reporter, events=events, should_stop=should_stop, before_register=before_register,
+            eval_progress=reporter.evaluating,
         )
     except JobCancelled as e:
         log.info("job %s: %s", job_id, e)

@@ -10,11 +10,12 @@ import os
 import shutil
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from hotpeft.adapters.catalog import Registered
 from hotpeft.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterTooLarge
 from hotpeft.adapters.format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from hotpeft.adapters.names import parse_model_ref, validate_name
@@ -24,8 +25,8 @@ from hotpeft.server.errors import ForbiddenPath, InvalidRequest
 from hotpeft.server.runtime import Runtime, load_and_pin, unpin_and_unload
 from hotpeft.server.uploads import limited_form
 from hotpeft.server.api.schemas.adapters import (
-    AdapterDeleted, AdapterImport, AdapterList, AdapterMerge, AdapterPromote, AdapterPublic, AdapterResidency,
-    AdapterTiers, AdapterVersionPublic, ResidencyChange,
+    AdapterDeleted, AdapterImport, AdapterList, AdapterMerge, AdapterPromote, AdapterPublic, AdapterRegistered,
+    AdapterResidency, AdapterTiers, AdapterVersionPublic, ResidencyChange,
 )
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -75,28 +76,36 @@ def _record(rt: Runtime, name: str, version: int | None = None) -> VersionRecord
 _REGISTER_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["name", "files"], "properties": {
         "name": {"type": "string"}, "description": {"type": "string"},
+        "force_new_version": {"type": "boolean", "description": "add a version even when the content is that of "
+                                                                 "an existing one"},
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "adapter_config.json, adapter_model.safetensors, optionally chat_template.jinja"}}}},
     "application/json": {"schema": AdapterImport.model_json_schema()},
 }}}
 
 
-@router.post("", response_model=AdapterVersionPublic, status_code=201, openapi_extra=_REGISTER_BODY)
-async def register(request: Request, rt: RuntimeDep) -> AdapterVersionPublic:
+@router.post("", response_model=AdapterRegistered, status_code=201, openapi_extra=_REGISTER_BODY,
+             responses={200: {"model": AdapterRegistered, "description": "the content is that of an existing "
+                                                                         "version, which is returned (unchanged: true)"}})
+async def register(request: Request, response: Response, rt: RuntimeDep) -> AdapterRegistered:
     """multipart/form-data: `name`, optional `description`, files adapter_config.json and
     adapter_model.safetensors (optionally chat_template.jinja / tokenizer_config.json);
-    or JSON `{"name", "path"}` with `path` under an --import-root."""
+    or JSON `{"name", "path"}` with `path` under an --import-root. 201 with the new version; 200
+    with `unchanged: true` when that content is already a version of `name` (made active if it
+    was not), unless `force_new_version` is true."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        record = await _register_upload(request, rt)
+        done = await _register_upload(request, rt)
     elif content_type.startswith("application/json"):
-        record = await _register_import(request, rt)
+        done = await _register_import(request, rt)
     else:
         raise InvalidRequest(
             "POST /v1/adapters takes multipart/form-data (name + adapter files) or JSON {\"name\", \"path\"}; "
             f"got content-type {content_type or 'none'!r}"
         )
-    return _version_public(rt, record)
+    if done.unchanged:
+        response.status_code = 200
+    return AdapterRegistered(**_version_public(rt, done.record).model_dump(), unchanged=done.unchanged)
 
 
 def _too_large(size: int, limit: int) -> AdapterTooLarge:
@@ -106,10 +115,24 @@ def _too_large(size: int, limit: int) -> AdapterTooLarge:
     )
 
 
-async def _register_upload(request: Request, rt: RuntimeDep) -> VersionRecord:
+def _register(rt: Runtime, name: str, folder: Path, force_new_version: bool, **how) -> Registered:
+    if force_new_version:
+        return Registered(rt.catalog.register_dir(name, folder, **how), unchanged=False)
+    return rt.catalog.register_or_reuse(name, folder, **how)
+
+
+def _flag(value: str, field: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidRequest(f"{field} must be true or false, got {value!r}", param=field)
+
+
+async def _register_upload(request: Request, rt: RuntimeDep) -> Registered:
     limit = rt.settings.max_adapter_bytes
     form = await limited_form(request, limit, lambda seen: _too_large(seen, limit),
-                              max_files=len(UPLOAD_FILES) + len(IGNORED_FILES), max_fields=4)
+                              max_files=len(UPLOAD_FILES) + len(IGNORED_FILES), max_fields=5)
     try:
         fields, files = {}, {}
         for key, value in form.multi_items():
@@ -125,11 +148,11 @@ async def _register_upload(request: Request, rt: RuntimeDep) -> VersionRecord:
                 if fname in files:
                     raise AdapterInvalid(f"file {fname!r} is given twice", param=fname)
                 files[fname] = value
-            elif key in ("name", "description"):
+            elif key in ("name", "description", "force_new_version"):
                 fields[key] = value
             else:
-                raise InvalidRequest(f"unexpected form field {key!r}; send name, description and the adapter files",
-                                     param=key)
+                raise InvalidRequest(f"unexpected form field {key!r}; send name, description, force_new_version and "
+                                     "the adapter files", param=key)
         if "name" not in fields:
             raise InvalidRequest("Missing required parameter: 'name'", param="name")
         name = validate_name(fields["name"])
@@ -139,21 +162,23 @@ async def _register_upload(request: Request, rt: RuntimeDep) -> VersionRecord:
         if files[WEIGHTS_FILE].size is not None and files[WEIGHTS_FILE].size > limit:
             raise _too_large(files[WEIGHTS_FILE].size, limit)
 
-        def stage_and_register() -> VersionRecord:
+        force = _flag(fields.get("force_new_version", ""), "force_new_version")
+
+        def stage_and_register() -> Registered:
             with rt.catalog.store.staging() as staged:
                 for fname, upload in files.items():
                     upload.file.seek(0)
                     with open(staged / fname, "wb") as out:
                         shutil.copyfileobj(upload.file, out)
-                return rt.catalog.register_dir(name, staged, source="upload", label="upload",
-                                               description=fields.get("description", ""))
+                return _register(rt, name, staged, force, source="upload", label="upload",
+                                 description=fields.get("description", ""))
 
         return await asyncio.to_thread(stage_and_register)
     finally:
         await form.close()
 
 
-async def _register_import(request: Request, rt: RuntimeDep) -> VersionRecord:
+async def _register_import(request: Request, rt: RuntimeDep) -> Registered:
     try:
         body = AdapterImport.model_validate(await request.json())
     except ValidationError as e:
@@ -165,8 +190,8 @@ async def _register_import(request: Request, rt: RuntimeDep) -> VersionRecord:
     weights = folder / WEIGHTS_FILE
     if weights.is_file() and weights.stat().st_size > rt.settings.max_adapter_bytes:
         raise _too_large(weights.stat().st_size, rt.settings.max_adapter_bytes)
-    return await asyncio.to_thread(rt.catalog.register_dir, name, folder, source="import", label=body.path,
-                                   description=body.description, source_detail={"path": body.path})
+    return await asyncio.to_thread(_register, rt, name, folder, body.force_new_version, source="import",
+                                   label=body.path, description=body.description, source_detail={"path": body.path})
 
 
 def _import_folder(raw: str, roots: list[Path]) -> Path:
@@ -256,4 +281,5 @@ async def delete(ref: str, rt: RuntimeDep) -> AdapterDeleted:
     """`name`: every version; `name@N`: one. Running requests finish on what they started with."""
     parsed = parse_model_ref(ref, param="name")
     removed = await asyncio.to_thread(rt.catalog.delete, parsed.name, parsed.version)
-    return AdapterDeleted(name=parsed.name, versions=sorted(r.version for r in removed))
+    return AdapterDeleted(name=parsed.name, versions=sorted(r.version for r in removed),
+                          active_version=rt.catalog.snapshot.active.get(parsed.name))

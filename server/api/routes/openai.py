@@ -26,7 +26,7 @@ def _base_card(rt: Runtime) -> ModelCard:
     b = rt.base
     return ModelCard(
         id=b.model_id, created=rt.started, owned_by="hotpeft", root=b.model_id, kind="base",
-        precision=b.quantization if b.quantization != "none" else str(b.dtype).removeprefix("torch."),
+        precision=b.precision,
         resident_bytes=b.resident_bytes, device=str(b.device), max_model_len=b.max_model_len,
     )
 

@@ -15,6 +15,7 @@ class AdapterImport(BaseModel):
     name: str
     path: str = Field(min_length=1)
     description: str = Field("", max_length=4096)
+    force_new_version: bool = Field(False, description="add a version even when the content is that of an existing one")
 
 
 class AdapterPromote(BaseModel):
@@ -62,6 +63,12 @@ class AdapterVersionPublic(BaseModel):
     warnings: list[str]
 
 
+class AdapterRegistered(AdapterVersionPublic):
+    """POST /v1/adapters: the version that holds the content, and whether it was there already."""
+
+    unchanged: bool = False
+
+
 class AdapterPublic(BaseModel):
     object: Literal["adapter"] = "adapter"
     name: str
@@ -86,8 +93,9 @@ class AdapterList(BaseModel):
 class AdapterDeleted(BaseModel):
     object: Literal["adapter.deleted"] = "adapter.deleted"
     name: str
-    versions: list[int]
+    versions: list[int]  # the versions deleted
     deleted: bool = True
+    active_version: int | None = None  # the active version after the deletion; None when none is left
 
 
 class ResidencyChange(BaseModel):
