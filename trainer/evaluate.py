@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from hotpeft.trainer.config import METRICS
 from hotpeft.trainer.data import IGNORE, Encoded
@@ -23,42 +24,65 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _by_length(items: list, length) -> list[int]:
+    """Indices of `items`, longest first: batches of similar lengths waste little on padding."""
+    return sorted(range(len(items)), key=lambda i: -length(items[i]))
+
+
 @torch.no_grad()
 def held_out_loss(model, examples: list[Encoded], pad: int, device: torch.device, batch_size: int = 8,
                   should_stop: Callable[[], bool] = lambda: False,
                   on_batch: Callable[[int], None] = lambda n: None) -> float:
-    """Mean cross-entropy per completion token (teacher-forced)."""
+    """Mean cross-entropy per completion token (teacher-forced).
+
+    Batches are left-padded (attention is relative under RoPE, so padding on the left changes no
+    score), so every completion ends at the last position and the vocabulary projection is computed
+    only for the positions that predict a completion token (`logits_to_keep`), not for the prompts."""
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    order = _by_length(examples, lambda e: len(e.input_ids))
+    for i in range(0, len(order), batch_size):
         if should_stop():
             raise JobCancelled("the job was cancelled during evaluation")
-        chunk = examples[i:i + batch_size]
+        chunk = [examples[j] for j in order[i:i + batch_size]]
         width = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, e in enumerate(chunk):
-            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[j, :len(e.labels)] = torch.tensor(e.labels)
-            mask[j, :len(e.input_ids)] = 1
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-        n = int((labels[:, 1:] != IGNORE).sum())  # the model's loss is the mean over shifted labels
-        total += float(out.loss) * n
-        count += n
+            ids[j, width - len(e.input_ids):] = torch.tensor(e.input_ids)
+            labels[j, width - len(e.labels):] = torch.tensor(e.labels)
+            mask[j, width - len(e.input_ids):] = 1
+        targets = labels[:, 1:]  # (B, W - 1): position t predicts token t + 1
+        scored = (targets != IGNORE).any(0).nonzero()
+        if not len(scored):
+            on_batch(len(chunk))
+            continue
+        keep = width - 1 - int(scored[0])  # positions from the first one that predicts a completion token
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep + 1).logits
+        logits = logits[:, :keep].float()  # (B, keep, V); the last position predicts nothing
+        wanted = targets[:, -keep:].to(logits.device)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), wanted.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum"))
+        count += int((wanted != IGNORE).sum())
         on_batch(len(chunk))
     return total / max(1, count)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad: int,
-             device: torch.device, batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False,
+             device: torch.device, batch_size: int = 64, should_stop: Callable[[], bool] = lambda: False,
              on_batch: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Greedy continuations, left-padded batches; decoded without special tokens."""
-    texts: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    """Greedy continuations, left-padded batches of similar lengths; decoded without special tokens.
+
+    Batches are wide: on a CPU one decode step of 64 rows costs little more than one of 8
+    (BENCHMARKS.md, evaluation)."""
+    texts: list[str | None] = [None] * len(prompts)
+    order = _by_length(prompts, len)
+    for i in range(0, len(order), batch_size):
         if should_stop():
             raise JobCancelled("the job was cancelled during evaluation")
-        chunk = prompts[i:i + batch_size]
+        rows = order[i:i + batch_size]
+        chunk = [prompts[j] for j in rows]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -67,8 +91,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             mask[j, width - len(p):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos_ids, pad_token_id=pad)
-        for row in out[:, width:]:
-            texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+        for j, row in zip(rows, out[:, width:]):
+            texts[j] = tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()
         on_batch(len(chunk))
     return texts
 
