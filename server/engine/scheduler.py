@@ -8,7 +8,8 @@ Each step the worker
 3. runs one step over every running row (`runner.py`): one forward pass whatever the rows'
    adapters, a token sampled for every row that finished its prompt or is decoding,
 4. frees the slots of finished rows at once and hands each token to its request,
-5. publishes its stats for other threads (`stats()` never reads what the worker mutates).
+5. publishes its stats for other threads whenever rows join or leave or a step ends (`stats()`
+   never reads what the worker mutates).
 
 A failure inside a step fails the requests of that step (500 for them) and the engine goes on.
 Requests that find no free slot wait; past `max_queue` waiting requests `submit` raises
@@ -181,14 +182,15 @@ class BatchEngine(Engine):
             try:
                 self._run_calls(calls)
                 self._drop_cancelled(cancelled)
-                self._admit_all(admit, cancelled)
-                self._publish_stats()  # rows admitted count as running (and as work for the stall check) at once
+                if admit:
+                    self._admit_all(admit, cancelled)
+                    self._publish_stats()  # rows admitted count as running (and as work for the stall check) at once
                 if self._running:
-                    self._step()
+                    self._step()  # publishes when it compacts the rows
                 self._beat = time.monotonic()
             except Exception:  # noqa: BLE001 - the worker must survive anything; the step already failed its rows
                 log.exception("engine loop error")
-            self._publish_stats()
+                self._publish_stats()
 
     def _run_calls(self, calls: list[tuple[Callable, Future]]) -> None:
         for fn, future in calls:
