@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 
 from hotpeft.server.engine.interface import (
     AdapterCounters, Engine, EngineFailure, EngineStats, EventSink, GenerationRequest, Overloaded, ReplicaStats,
-    ReplicaUnavailable, Residency, TokenEvent,
+    ReplicaUnavailable, Residency, ShuttingDown, TokenEvent,
 )
 from hotpeft.server.ray.board import BoardView
 from hotpeft.server.ray.settings import BASE_ID
@@ -36,6 +36,7 @@ class RayEngine(Engine):
         self.view = view
         self.target = target
         self._open: dict[int, object] = {}  # request id -> Serve's streaming response
+        self._aborted: dict[int, str] = {}  # request id -> why abort_all ended it
 
     # ---- what the replicas posted -------------------------------------------------------------
     def residency(self) -> Residency:
@@ -69,7 +70,8 @@ class RayEngine(Engine):
         self.abort_all("the server is shutting down")
 
     def abort_all(self, why: str) -> None:
-        for response in list(self._open.values()):
+        for request_id, response in list(self._open.items()):
+            self._aborted[request_id] = why  # its stream ends with ShuttingDown(why), as the local engine's do
             response.cancel()
 
     # ---- requests -----------------------------------------------------------------------------
@@ -103,9 +105,12 @@ class RayEngine(Engine):
                     sink.put(TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
                                         item["completion_tokens"], replica=replica))
         except Exception as e:  # noqa: BLE001 - every failure reaches the request as its error event
-            if request_id in self._open:  # not cancelled by us
-                sink.put(TokenEvent("", [], error=_as_engine_error(e, replica), replica=replica))
+            why = self._aborted.pop(request_id, None)
+            if request_id in self._open:  # not cancelled by its client
+                error = ShuttingDown(why) if why is not None else _as_engine_error(e, replica)
+                sink.put(TokenEvent("", [], error=error, replica=replica))
         finally:
+            self._aborted.pop(request_id, None)
             if self._open.pop(request_id, None) is not None:
                 response.cancel()
 
