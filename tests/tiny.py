@@ -36,13 +36,13 @@ def make_tokenizer():
     return fast
 
 
-def make_model(seed: int = 0, vocab_size: int = 259):
+def make_model(seed: int = 0, vocab_size: int = 259, max_positions: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
         # A wide init gives peaked logits: greedy choices are far from ties and vary with the input.
         initializer_range=0.4,
@@ -50,9 +50,9 @@ def make_model(seed: int = 0, vocab_size: int = 259):
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(path: Path) -> Path:
+def save_tiny_model(path: Path, max_positions: int = 256) -> Path:
     path = Path(path)
-    model = make_model()
+    model = make_model(max_positions=max_positions)
     model.config._name_or_path = TINY_ID
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer().save_pretrained(path)
