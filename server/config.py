@@ -54,10 +54,13 @@ class Settings(BaseSettings):
         100, ge=1, le=10000, description="distinct adapter names given their own metrics label; the rest are "
                                          "counted as adapter=\"other\"")
     max_model_len: int | None = Field(None, ge=16, description="context limit in tokens (default: the model's)")
-    max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences decoding at once (KV slots)")
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="most sequences running at once")
     kv_cache_mib: int | None = Field(
-        None, ge=1, description="KV cache budget in MiB (default: 30% of free GPU memory on CUDA, 4096 on the CPU)"
+        None, ge=1, description="KV cache budget in MiB, one pool of 16-token blocks (default: 30% of free GPU memory "
+                                "on CUDA, 2048 on the CPU)"
     )
+    prefix_cache: bool = Field(True, description="reuse the KV of prompt prefixes computed by the same weights "
+                                                 "(--no-prefix-cache turns it off)")
     max_batch_tokens: int = Field(256, ge=16, le=65536, description="tokens per forward pass: decode rows + prefill chunk")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429 with Retry-After")
     threads: int | None = Field(

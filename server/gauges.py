@@ -29,15 +29,32 @@ def job_families(jobs: JobStore) -> list:
 
 def engine_families(engine: Engine, catalog: AdapterCatalog) -> list:
     stats = engine.stats()
-    capacity = stats.slots * stats.slot_len
+    used_blocks = stats.kv_blocks - stats.kv_blocks_free
+    block_bytes = stats.kv_bytes // max(1, stats.kv_blocks + 1)  # the null block is part of the bytes
     out = [
         _gauge("hotpeft_requests_running", "Requests decoding now", stats.running),
-        _gauge("hotpeft_requests_waiting", "Requests waiting for a sequence slot", stats.waiting),
+        _gauge("hotpeft_requests_waiting", "Requests waiting for room (KV blocks, an adapter slot)", stats.waiting),
+        _gauge("hotpeft_requests_preempted", "Requests put back for lack of KV blocks, waiting to resume",
+               stats.preempted),
         _gauge("hotpeft_kv_cache_used_tokens", "KV cache positions in use", stats.kv_tokens),
-        _gauge("hotpeft_kv_cache_capacity_tokens", "KV cache positions in all slots", capacity),
-        _gauge("hotpeft_kv_cache_used_bytes", "KV cache bytes holding positions in use",
-               stats.kv_tokens * stats.kv_bytes // max(1, capacity)),
+        _gauge("hotpeft_kv_cache_capacity_tokens", "KV cache positions in the block pool", stats.kv_capacity_tokens),
+        _gauge("hotpeft_kv_cache_used_bytes", "KV cache bytes of the blocks running sequences hold",
+               used_blocks * block_bytes),
+        _gauge("hotpeft_kv_cache_free_bytes", "KV cache bytes of free blocks (cached ones included)",
+               stats.kv_blocks_free * block_bytes),
         _gauge("hotpeft_kv_cache_budget_bytes", "Bytes of the KV cache", stats.kv_bytes),
+        _gauge("hotpeft_kv_cache_blocks", "KV blocks in the pool", stats.kv_blocks),
+        _gauge("hotpeft_kv_cache_blocks_free", "KV blocks no running sequence holds", stats.kv_blocks_free),
+        _gauge("hotpeft_kv_cache_blocks_cached", "Free KV blocks the prefix cache can hand out again",
+               stats.kv_blocks_cached),
+        CounterMetricFamily("hotpeft_preemptions", "Running sequences preempted for lack of KV blocks "
+                            "(recomputed later)", value=stats.preemptions),
+        CounterMetricFamily("hotpeft_prefix_cache_hit_tokens", "Prompt tokens whose KV the prefix cache held",
+                            value=stats.prefix_hit_tokens),
+        CounterMetricFamily("hotpeft_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                            value=stats.prefix_query_tokens),
+        CounterMetricFamily("hotpeft_prefix_cache_evictions", "Cached KV blocks reused for other KV",
+                            value=stats.prefix_evictions),
     ]
     cache = catalog.cache
     count = GaugeMetricFamily("hotpeft_resident_adapters", "Adapters held per tier", labels=["tier"])

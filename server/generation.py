@@ -90,6 +90,14 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
             f"({used} in the prompt, {max_tokens} in the completion). Please reduce the prompt or {param}.",
             param=param, code="context_length_exceeded",
         )
+    pool = rt.engine.stats().max_seq_tokens  # the whole KV cache: a longer sequence could never run
+    if pool and used + (max_tokens if req.token_limit is not None else 1) > pool:
+        raise InvalidRequest(
+            f"this request needs {used + max_tokens} tokens of KV cache ({used} in the prompt, {max_tokens} in the "
+            f"completion); this server's whole KV cache holds {pool} tokens (raise --kv-cache-mib)",
+            param=param if req.token_limit is not None else prompt_param, code="too_many_tokens")
+    if pool and used + max_tokens > pool:
+        max_tokens = pool - used  # no max_tokens given: as far as the KV cache goes
     return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos)
 
 

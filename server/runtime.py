@@ -76,14 +76,15 @@ def make_engine(settings: Settings, base: LoadedBase) -> BatchEngine:
     # slowest. Measured on 2 cores: 311 vs 219-274 tok/s for 16 streams (see BENCHMARKS.md).
     threads = settings.threads or (max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else None)
     try:
-        kv = build_kv_cache(base.arch, max_seqs=settings.max_num_seqs, slot_len=base.max_model_len,
-                            budget_mib=settings.kv_cache_mib, dtype=dtype, device=device)
+        kv = build_kv_cache(base.arch, budget_mib=settings.kv_cache_mib, max_model_len=base.max_model_len,
+                            dtype=dtype, device=device, prefix_cache=settings.prefix_cache)
     except KVBudgetTooSmall as e:
         raise ModelUnavailable(str(e)) from e
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
-                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads)
+                          max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads,
+                          max_num_seqs=settings.max_num_seqs)
     bank = LoraBank(base.arch, dtype, device)
-    return BatchEngine(base.model, base.arch, base.tokenizer, bank, kv, eos_ids(base), limits)
+    return BatchEngine(base.model, base.arch, base.tokenizer, bank, kv, eos_ids(base), limits, base.max_model_len)
 
 
 async def load_and_pin(rt: Runtime, version, pin: bool = False) -> bool:

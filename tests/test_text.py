@@ -43,8 +43,8 @@ def test_multibyte_characters_are_not_split(tok):
 def test_greedy_rows_take_argmax_and_seeds_repeat():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    temperature = torch.tensor([0.0, 1.0, 1.0])
-    top_p = torch.tensor([1.0, 1.0, 0.9])
+    temperature = [0.0, 1.0, 1.0]
+    top_p = [1.0, 1.0, 0.9]
     a = [sample(logits, temperature, top_p, [make_generator(s) for s in (1, 2, 3)]) for _ in range(2)]
     assert torch.equal(a[0], a[1])
     assert int(a[0][0]) == int(logits[0].argmax())
@@ -54,7 +54,7 @@ def test_greedy_rows_take_argmax_and_seeds_repeat():
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {int(sample(logits, torch.tensor([1.0]), torch.tensor([0.7]), [make_generator(s)])[0]) for s in range(200)}
+    seen = {int(sample(logits, [1.0], [0.7], [make_generator(s)])[0]) for s in range(200)}
     assert seen == {0, 1}
 
 

@@ -1,13 +1,13 @@
-"""One forward pass over a packed batch of sequences, with a slotted KV cache.
+"""One forward pass over a packed batch of sequences, with a paged KV cache.
 
 The batching engine calls `DecoderStep.forward` once per step with the tokens of every running
 sequence packed into one (N, hidden) tensor: one token for each decoding sequence, a chunk of
 the prompt for each sequence in prefill. The layers are the base model's own modules (so a
 quantized base and the LoRA wrappers just work); what is written here is the part that
-transformers' forward does not offer: per-row positions, writing K/V into per-sequence slots,
+transformers' forward does not offer: per-row positions, writing K/V into the sequences' blocks,
 and attention of rows with different lengths in one call.
 
-The KV cache is `kv.py`'s slots; the LoRA deltas are `lora.py`'s groups; the shapes come from
+The KV cache is `kv.py`'s block pool; the LoRA deltas are `lora.py`'s groups; the shapes come from
 `hotpeft.model.arch`, one description for Llama, Mistral and Qwen2.
 """
 from __future__ import annotations
@@ -18,29 +18,31 @@ import torch
 import torch.nn.functional as F
 
 from hotpeft.model.arch import Architecture
-from hotpeft.server.engine.kv import SlotKVCache
+from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
 
 
 @dataclass
 class StepInput:
-    """A packed batch: rows are slots 0..R-1 in order, row i owns tokens [starts[i], starts[i+1])."""
+    """A packed batch: row i owns the packed tokens [last_index[i - 1] + 1, last_index[i]]."""
 
     embeds: torch.Tensor  # (N, H)
     positions: torch.Tensor  # (N,) long, position of each token in its sequence
-    token_slots: torch.Tensor  # (N,) long, slot (= row) of each token
+    kv_rows: torch.Tensor  # (N,) long, the KV row (block * block_size + offset) each token writes
     last_index: torch.Tensor  # (R,) long, packed index of each row's last token
     kv_lens: torch.Tensor  # (R,) long, filled positions of each row after this step
+    gather: torch.Tensor  # (R, read_len) long, KV rows of each row's positions; the null block past its length
     chunks: list[tuple[int, int, int, int]]  # rows with more than one token: (row, start, end, first position)
-    read_len: int  # max of kv_lens: how far decode attention reads
+    read_len: int  # max of kv_lens: how far attention reads
     sample_rows: torch.Tensor  # (S,) long, rows whose last token's logits are needed
 
 
 class DecoderStep:
     """One forward pass of a Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch."""
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture, kv: SlotKVCache, bank: LoraBank):
-        arch.check_context(kv.slot_len)
+    def __init__(self, model: torch.nn.Module, arch: Architecture, kv: PagedKVCache, bank: LoraBank,
+                 max_model_len: int):
+        arch.check_context(max_model_len)
         self.model = model
         self.kv = kv
         self.layers = model.model.layers
@@ -147,12 +149,13 @@ class DecoderStep:
             qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on q and k at once
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + n_kv:]
             K, V = self.kv.k[li], self.kv.v[li]
-            K[step.token_slots, :, step.positions] = k
-            V[step.token_slots, :, step.positions] = v
+            K[step.kv_rows] = k
+            V[step.kv_rows] = v
+            # Each row's positions gathered from its blocks: (R, n_kv, read, d).
+            Kr, Vr = K[step.gather].transpose(1, 2), V[step.gather].transpose(1, 2)
             # (R, n_kv, g, d): grouped query heads as a query axis of length g -> no K/V repeat.
             ql = q[step.last_index].view(n_rows, n_kv, g, d)
-            o = F.scaled_dot_product_attention(ql, K[:n_rows, :, :read], V[:n_rows, :, :read], attn_mask=keep,
-                                               scale=self.scaling)  # (R, n_kv, g, d)
+            o = F.scaled_dot_product_attention(ql, Kr, Vr, attn_mask=keep, scale=self.scaling)  # (R, n_kv, g, d)
             if n_rows == n_tok:  # decode only: rows are tokens
                 out = o.reshape(n_tok, nh * d)
             else:
@@ -162,7 +165,7 @@ class DecoderStep:
                     c = end - start
                     qc = q[start:end].reshape(c, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * c, d)
                     oc = F.scaled_dot_product_attention(
-                        qc.unsqueeze(0), K[row:row + 1, :, :first + c], V[row:row + 1, :, :first + c],
+                        qc.unsqueeze(0), Kr[row:row + 1, :, :first + c], Vr[row:row + 1, :, :first + c],
                         attn_mask=mask, scale=self.scaling,
                     )  # (1, n_kv, g * c, d)
                     out[start:end] = oc.view(n_kv, g, c, d).permute(2, 0, 1, 3).reshape(c, nh, d)

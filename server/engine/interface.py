@@ -107,11 +107,21 @@ class EngineStats:
     """A consistent snapshot of an engine, safe to read from any thread."""
 
     running: int = 0  # requests decoding or prefilling
-    waiting: int = 0  # requests queued for a slot
-    slots: int = 0  # KV sequence slots
-    slot_len: int = 0  # positions per slot
+    waiting: int = 0  # requests queued for room
+    slots: int = 0  # sequences that may run at once (--max-num-seqs)
     kv_tokens: int = 0  # positions in use
     kv_bytes: int = 0  # bytes of the whole KV cache
+    kv_capacity_tokens: int = 0  # tokens the KV block pool holds
+    max_seq_tokens: int = 0  # the longest sequence one engine can hold (its whole pool)
+    kv_blocks: int = 0  # KV blocks (the null block not counted)
+    kv_blocks_free: int = 0  # blocks no running sequence holds (cached ones included)
+    kv_blocks_cached: int = 0  # blocks whose KV the prefix cache can hand out again
+    block_size: int = 0  # tokens per block
+    preempted: int = 0  # sequences put back for lack of blocks, waiting to resume
+    preemptions: int = 0  # times a running sequence was preempted
+    prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    prefix_query_tokens: int = 0  # prompt tokens looked up there
+    prefix_evictions: int = 0  # cached blocks reused for other KV
     steps: int = 0
     tokens: int = 0  # tokens sampled
     failed_steps: int = 0

@@ -1,8 +1,10 @@
-"""The KV cache: memory allocated once, from a budget, as `n_slots` slots of `slot_len` positions.
+"""The paged KV cache: one pool of fixed-size blocks, allocated once from a budget.
 
-Per layer K and V are (n_slots, n_kv_heads, slot_len, head_dim). Running sequences always
-occupy slots 0..n-1 (a finished sequence's slot is filled by moving the last one down), so
-decode attention reads `K[:n, :, :L]`, a view, never a gathered copy.
+Per layer K and V are (n_blocks * block_size, n_kv_heads, head_dim): position p of a sequence
+lives at row `blocks[p // block_size] * block_size + p % block_size`. A sequence holds only the
+blocks its tokens fill (`blocks.py` hands them out and takes them back); nothing is reserved for
+`--max-model-len` and nothing is copied when sequences end. Block 0 is zero and never handed out:
+reads past a sequence's length point there, so attention never meets never-written memory.
 """
 from __future__ import annotations
 
@@ -11,59 +13,47 @@ import logging
 import torch
 
 from hotpeft.model.arch import Architecture
+from hotpeft.server.engine.blocks import BlockPool
 
 log = logging.getLogger("hotpeft.engine")
 
-ZERO_AHEAD = 256  # KV positions zeroed at a time ahead of a sequence
-CPU_DEFAULT_BUDGET = 4096 * 2**20
+BLOCK_SIZE = 16
+CPU_DEFAULT_BUDGET = 2048 * 2**20
 GPU_FREE_SHARE = 0.3  # of the free GPU memory, when no budget is given
 
 
 class KVBudgetTooSmall(ValueError):
-    """The KV budget holds no sequence of the context length."""
+    """The KV budget holds no block beyond the null block."""
 
 
-class SlotKVCache:
-    def __init__(self, arch: Architecture, n_slots: int, slot_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (n_slots, arch.num_kv_heads, slot_len, arch.head_dim)
-        # torch.empty: on the CPU the pages are committed only when written. Positions that a
-        # step may read before its sequence wrote them are zeroed first (see `prepare`).
+class PagedKVCache:
+    def __init__(self, arch: Architecture, n_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 prefix_cache: bool = True):
+        shape = (n_blocks * block_size, arch.num_kv_heads, arch.head_dim)
+        # torch.empty: on the CPU pages are committed only when written; only the null block is zeroed.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
-        self.n_slots, self.slot_len = n_slots, slot_len
-        self.clean = [0] * n_slots  # per slot: positions [0, clean) hold finite values
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def release(self, slot: int) -> None:
-        self.clean[slot] = 0  # whatever the last owner left is not trusted by the next one
-
-    def move(self, src: int, dst: int, length: int) -> None:
         for t in self.k + self.v:
-            t[dst, :, :length] = t[src, :, :length]
-        self.clean[dst] = length
-        self.clean[src] = 0
+            t[:block_size].zero_()
+        self.block_size = block_size
+        self.pool = BlockPool(n_blocks, block_size, prefix_cache)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        self.block_bytes = self.nbytes // n_blocks
 
-    def prepare(self, n_rows: int, read_len: int) -> None:
-        """Zero what decode attention will read of slots 0..n_rows-1 beyond what they hold.
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds: the longest sequence that can ever run."""
+        return self.pool.usable * self.block_size
 
-        Masked positions get zero weight, but 0 * NaN is NaN: never-written memory must not be read.
-        Zeroes ahead in blocks, so this is a handful of ops every few hundred steps, not every step.
-        """
-        for slot in range(n_rows):
-            start = self.clean[slot]
-            if start < read_len:
-                end = min(self.slot_len, max(read_len, start + ZERO_AHEAD))
-                for t in self.k + self.v:
-                    t[slot, :, start:end].zero_()
-                self.clean[slot] = end
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
 
 
-def build_kv_cache(arch: Architecture, *, max_seqs: int, slot_len: int, budget_mib: int | None, dtype: torch.dtype,
-                   device: torch.device) -> SlotKVCache:
-    """Slots of `slot_len` positions, as many as the budget holds, at most `max_seqs`.
-
-    Budget: `budget_mib`, else 30% of the free GPU memory on CUDA, else 4 GiB on the CPU."""
-    per_slot = arch.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * slot_len
+def build_kv_cache(arch: Architecture, *, budget_mib: int | None, max_model_len: int, dtype: torch.dtype,
+                   device: torch.device, prefix_cache: bool = True, block_size: int = BLOCK_SIZE) -> PagedKVCache:
+    """As many blocks as the budget holds: `budget_mib`, else 30% of the free GPU memory on CUDA,
+    else 2 GiB on the CPU. A pool smaller than one `max_model_len` sequence is said, not refused."""
+    per_block = arch.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * block_size
     if budget_mib is not None:
         budget = budget_mib * 2**20
     elif device.type == "cuda":
@@ -71,13 +61,18 @@ def build_kv_cache(arch: Architecture, *, max_seqs: int, slot_len: int, budget_m
         budget = int(free * GPU_FREE_SHARE)
     else:
         budget = CPU_DEFAULT_BUDGET
-    n_slots = min(max_seqs, budget // per_slot)
-    if n_slots < 1:
+    n_blocks = budget // per_block
+    if n_blocks < 2:
         raise KVBudgetTooSmall(
-            f"a KV cache budget of {budget / 2**20:.0f} MiB holds no sequence of {slot_len} tokens "
-            f"({per_slot / 2**20:.1f} MiB each); raise --kv-cache-mib to {-(-per_slot // 2**20)} or lower --max-model-len"
-        )
-    kv = SlotKVCache(arch, n_slots, slot_len, dtype, device)
-    log.info("KV cache: %d slots x %d tokens, %.0f MiB%s", n_slots, slot_len, kv.nbytes / 2**20,
-             " (CPU pages are committed as they are used)" if device.type == "cpu" else "")
+            f"a KV cache budget of {budget / 2**20:.2f} MiB holds no block of {block_size} tokens "
+            f"({per_block / 2**20:.2f} MiB each, plus one reserved); raise --kv-cache-mib")
+    kv = PagedKVCache(arch, n_blocks, block_size, dtype, device, prefix_cache)
+    log.info("KV cache: %d blocks x %d tokens = %d tokens, %.0f MiB%s; prefix cache %s", kv.pool.usable, block_size,
+             kv.capacity_tokens, kv.nbytes / 2**20,
+             " (CPU pages are committed as they are used)" if device.type == "cpu" else "",
+             "on" if prefix_cache else "off")
+    if kv.capacity_tokens < max_model_len:
+        log.warning("the KV cache holds %d tokens, less than one sequence of --max-model-len %d: longer requests are "
+                    "refused (400); raise --kv-cache-mib to %d for one full-length sequence", kv.capacity_tokens,
+                    max_model_len, -(-(max_model_len + block_size) * per_block // block_size // 2**20))
     return kv

@@ -3,13 +3,15 @@ and turns each sampled token into its request's next event.
 
 One decode token of every decoding row and a prompt chunk of every prefilling row go into one
 batch of at most `max_batch_tokens` tokens, decode rows first so a long prompt never stalls
-them. Each row's token ids, positions and slots go to the device as one tensor each per step.
+them. A step's integers (token ids, positions, KV rows, lengths, block tables) go to the device as
+one tensor, and the sampled tokens come back in one copy: one host sync per step.
 """
 from __future__ import annotations
 
 import itertools
+import random
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +19,8 @@ from hotpeft.model.arch import Architecture
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import DecoderStep, StepInput
 from hotpeft.server.engine.interface import EngineFailure, EventSink, GenerationRequest, OutOfMemory, TokenEvent
-from hotpeft.server.engine.kv import SlotKVCache
+from hotpeft.server.engine.blocks import chain_hashes
+from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.engine.sampling import make_generator, sample
 
@@ -27,13 +30,16 @@ log = logging.getLogger("hotpeft.engine")
 class Sequence:
     request: GenerationRequest
     sink: EventSink
-    slot: int
     adapter_id: int  # LoRA bank id, 0 = no LoRA
     lora_key: str | None  # the resident LoRA this row uses (never evicted while it runs)
     embeds: torch.Tensor | None  # (P, H) prompt embeddings incl. soft prompt; dropped after prefill
-    prompt_len: int  # P: positions of the prompt, virtual tokens included
+    prompt_len: int  # P: positions to prefill (virtual tokens included; after a preemption, the output too)
     detok: IncrementalText
-    generator: torch.Generator
+    generator: random.Random
+    kv_key: str  # the weights that compute this row's KV: the prefix cache's namespace
+    ids: list[int]  # every position's token: virtual tokens (negative), prompt, output
+    blocks: list[int] = field(default_factory=list)  # KV blocks, in position order
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks committed so far
     prefilled: int = 0
     kv_len: int = 0
     generated: int = 0
@@ -46,9 +52,9 @@ class Sequence:
 
 
 class StepRunner:
-    def __init__(self, model: torch.nn.Module, arch: Architecture, kv: SlotKVCache, bank: LoraBank, tokenizer,
-                 eos_ids: set[int], max_batch_tokens: int):
-        self.step_fn = DecoderStep(model, arch, kv, bank)
+    def __init__(self, model: torch.nn.Module, arch: Architecture, kv: PagedKVCache, bank: LoraBank, tokenizer,
+                 eos_ids: set[int], max_batch_tokens: int, max_model_len: int):
+        self.step_fn = DecoderStep(model, arch, kv, bank, max_model_len)
         self.kv, self.bank, self.tokenizer, self.eos_ids = kv, bank, tokenizer, eos_ids
         self.max_batch_tokens = max_batch_tokens
         self.embed = model.get_input_embeddings()
@@ -67,79 +73,123 @@ class StepRunner:
             # Virtual-token embeddings before the input, positions 0..n-1 (as PEFT does).
             soft = adapter.adapter.soft_prompt.to(device=self.device, dtype=embeds.dtype)  # (n, H)
             embeds = torch.cat([soft, embeds])
-        if embeds.shape[0] + request.params.max_tokens > self.kv.slot_len:
+        if embeds.shape[0] + request.params.max_tokens > self.kv.capacity_tokens:
             raise ValueError(f"prompt ({embeds.shape[0]} positions) + max_tokens ({request.params.max_tokens}) "
-                             f"exceed the KV slot of {self.kv.slot_len} positions")
+                             f"exceed the whole KV cache of {self.kv.capacity_tokens} tokens (--kv-cache-mib)")
         return embeds
 
-    def sequence(self, request: GenerationRequest, sink: EventSink, slot: int, adapter_id: int,
-                 lora_key: str | None, embeds: torch.Tensor) -> Sequence:
+    def sequence(self, request: GenerationRequest, sink: EventSink, adapter_id: int, lora_key: str | None,
+                 embeds: torch.Tensor) -> Sequence:
         p = request.params
-        return Sequence(request, sink, slot, adapter_id, lora_key, embeds, embeds.shape[0],
-                        IncrementalText(self.tokenizer, list(p.stop)), make_generator(p.seed))
+        adapter = request.adapter
+        n_virtual = embeds.shape[0] - len(request.prompt_ids)
+        return Sequence(request, sink, adapter_id, lora_key, embeds, embeds.shape[0],
+                        IncrementalText(self.tokenizer, list(p.stop)), make_generator(p.seed),
+                        kv_key="base" if adapter is None else adapter.key,
+                        ids=list(range(-n_virtual, 0)) + list(request.prompt_ids))
+
+    def resume_embeds(self, s: Sequence) -> torch.Tensor:
+        """A preempted row's prefill: its prompt and what it generated, recomputed into fresh blocks."""
+        output = s.ids[self._prompt_positions(s):]
+        embeds = self.prompt_embeds(s.request)
+        if output:
+            embeds = torch.cat([embeds, self.embed(torch.tensor(output, dtype=torch.long, device=self.device))])
+        return embeds
+
+    @staticmethod
+    def _prompt_positions(s: Sequence) -> int:
+        return sum(1 for t in s.ids if t < 0) + len(s.request.prompt_ids)
+
+    def commit_full_blocks(self, s: Sequence) -> None:
+        """Name the blocks this row has filled, so later rows of the same weights can reuse them."""
+        bs = self.kv.block_size
+        full = s.kv_len // bs
+        if full > len(s.hashes):
+            start = len(s.hashes)
+            new = chain_hashes(s.kv_key, s.ids[:full * bs], bs, start, s.hashes[-1] if s.hashes else None)
+            for i, h in enumerate(new):
+                self.kv.pool.commit(s.blocks[start + i], h)
+            s.hashes += new
 
     # ---- one step ---------------------------------------------------------------------------------
-    def build(self, rows: list[Sequence]) -> tuple[StepInput, list[Sequence], list[int]]:
-        """The packed batch, the rows sampled this step, and how many tokens each row takes."""
+    def takes(self, rows: list[Sequence]) -> list[int]:
+        """Tokens each row runs this step: 1 when decoding, a prompt chunk within the token budget."""
+        budget = self.max_batch_tokens - sum(1 for s in rows if s.decoding)
+        out = []
+        for s in rows:
+            take = 1 if s.decoding else min(s.prompt_len - s.prefilled, max(1, budget))  # every row moves
+            if not s.decoding:
+                budget -= take
+            out.append(take)
+        return out
+
+    def upload(self, ints: list[int]) -> torch.Tensor:
+        """One host -> device copy of a step's integers (pinned and asynchronous on CUDA)."""
+        host = torch.tensor(ints, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def build(self, rows: list[Sequence], takes: list[int]) -> tuple[StepInput, list[Sequence]]:
+        """The packed batch and the rows sampled this step. Every row holds the blocks its tokens need."""
+        bs = self.kv.block_size
         decode_tokens = [s.last_token for s in rows if s.decoding]
-        all_decoding = len(decode_tokens) == len(rows)
-        budget = self.max_batch_tokens - len(decode_tokens)
-        takes, pieces, positions, slots, chunks, sample_rows = [], [], [], [], [], []
-        decode_embeds = self.embed(torch.tensor(decode_tokens, dtype=torch.long, device=self.device)) \
-            if decode_tokens else None
-        di = 0
+        positions, kv_rows, chunks, sample_rows, prefill = [], [], [], [], []
         n_tok = 0
-        for row, s in enumerate(rows):
+        for row, (s, take) in enumerate(zip(rows, takes)):
             if s.decoding:
-                take = 1
-                if not all_decoding:
-                    pieces.append(decode_embeds[di:di + 1])
-                di += 1
                 sample_rows.append(row)
             else:
-                take = min(s.prompt_len - s.prefilled, max(1, budget))  # every row moves every step
-                budget -= take
-                pieces.append(s.embeds[s.prefilled:s.prefilled + take])
+                prefill.append((row, s.embeds[s.prefilled:s.prefilled + take]))
                 if take > 1:
                     chunks.append((row, n_tok, n_tok + take, s.kv_len))
                 if s.prefilled + take == s.prompt_len:
                     sample_rows.append(row)
-            positions.extend(range(s.kv_len, s.kv_len + take))
-            slots.extend([row] * take)
-            takes.append(take)
+            for pos in range(s.kv_len, s.kv_len + take):
+                positions.append(pos)
+                kv_rows.append(s.blocks[pos // bs] * bs + pos % bs)
             n_tok += take
-        dev = self.device
         kv_lens = [s.kv_len + t for s, t in zip(rows, takes)]
-        if all_decoding:
-            embeds = decode_embeds  # already in row order
-        else:
+        read = max(kv_lens)
+        width = self.kv.blocks_for(read)
+        table = [b for s in rows for b in (s.blocks[:width] + [0] * (width - len(s.blocks)))]
+        n, r = n_tok, len(rows)
+        ints = self.upload(decode_tokens + positions + kv_rows + list(itertools.accumulate(takes)) + kv_lens
+                           + sample_rows + table)
+        cut = list(itertools.accumulate([len(decode_tokens), n, n, r, r, len(sample_rows), len(table)]))
+        dec, pos_t, rows_t, ends, lens, sample_t, table_t = (ints[a:b] for a, b in zip([0] + cut, cut))
+        embeds = self.embed(dec) if decode_tokens else None
+        if prefill:  # packed in row order: a decode row's token between the prompt chunks
+            pieces, di = [], 0
+            chunk_of = dict(prefill)
+            for row, s in enumerate(rows):
+                if row in chunk_of:
+                    pieces.append(chunk_of[row])
+                else:
+                    pieces.append(embeds[di:di + 1])
+                    di += 1
             embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        step = StepInput(
-            embeds=embeds,
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            token_slots=torch.tensor(slots, dtype=torch.long, device=dev),
-            last_index=torch.tensor(list(itertools.accumulate(takes)), dtype=torch.long, device=dev) - 1,
-            kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=dev),
-            chunks=chunks,
-            read_len=max(kv_lens),
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-        )
+        # Each row's positions [0, read): its blocks' rows, the null block's past its length.
+        span = torch.arange(read, device=self.device)
+        gather = table_t.view(r, width).gather(1, (span // bs).expand(r, -1)) * bs + span % bs
+        gather = gather.masked_fill(span.unsqueeze(0) >= lens.unsqueeze(1), 0)
+        step = StepInput(embeds=embeds, positions=pos_t, kv_rows=rows_t, last_index=ends - 1, kv_lens=lens,
+                         gather=gather, chunks=chunks, read_len=read, sample_rows=sample_t)
         self.bank.plan([s.adapter_id for s, t in zip(rows, takes) for _ in range(t)])
-        return step, [rows[r] for r in sample_rows], takes
+        return step, [rows[i] for i in sample_rows]
 
     @torch.inference_mode()
-    def run(self, rows: list[Sequence]) -> list[tuple[EventSink, TokenEvent]]:
+    def run(self, rows: list[Sequence], takes: list[int]) -> list[tuple[EventSink, TokenEvent]]:
         """One forward pass for every row; advances the rows and returns the events to send.
         Raises when the step failed (no row has moved then)."""
         try:
-            step, sampled, takes = self.build(rows)
-            self.kv.prepare(len(rows), step.read_len)
+            step, sampled = self.build(rows, takes)
             logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
             tokens = []
             if sampled:
-                temperature = torch.tensor([s.request.params.temperature for s in sampled], device=logits.device)
-                top_p = torch.tensor([s.request.params.top_p for s in sampled], device=logits.device)
-                tokens = sample(logits, temperature, top_p, [s.generator for s in sampled]).tolist()  # the host sync
+                tokens = sample(logits, [s.request.params.temperature for s in sampled],
+                                [s.request.params.top_p for s in sampled],
+                                [s.generator for s in sampled]).tolist()  # the step's one device -> host copy
         finally:
             self.bank.clear_plan()
         for s, take in zip(rows, takes):
@@ -148,6 +198,7 @@ class StepRunner:
                 s.prefilled += take
                 if s.decoding:
                     s.embeds = None  # the prompt is in the KV cache now
+            self.commit_full_blocks(s)
         events = []
         for s, token in zip(sampled, tokens):
             try:
@@ -163,6 +214,7 @@ class StepRunner:
         p = s.request.params
         s.generated += 1
         s.last_token = token
+        s.ids.append(token)
         finish, text = None, ""
         if token in self.eos_ids and not p.ignore_eos:
             finish = "stop"

@@ -1,19 +1,24 @@
 """The continuous-batching engine: one worker thread, one forward pass per step for every running row.
 
 Each step the worker
-1. runs calls queued from other threads (load, unload) and drops cancelled requests (their slot
-   and KV are free for this very step),
-2. admits waiting requests into free KV slots (their LoRA made resident by the device tier,
-   `residency.py`; their prompt embedded with a soft prompt spliced in),
-3. runs one step over every running row (`runner.py`): one forward pass whatever the rows'
+1. runs calls queued from other threads (load, unload) and drops cancelled requests (their KV
+   blocks are free for this very step),
+2. resumes preempted rows, then admits waiting requests while the KV pool has the blocks of their
+   prompts beyond what the prefix cache already holds, above a small watermark (their LoRA made
+   resident by the device tier, `residency.py`; their prompt embedded with a soft prompt spliced in),
+3. gives every running row the blocks this step's tokens need; when the pool is out of blocks it
+   preempts the most recently admitted row (its blocks freed, the row queued first to be recomputed
+   later, its output unchanged) rather than failing anyone,
+4. runs one step over every running row (`runner.py`): one forward pass whatever the rows'
    adapters, a token sampled for every row that finished its prompt or is decoding,
-4. frees the slots of finished rows at once and hands each token to its request,
-5. publishes its stats for other threads whenever rows join or leave or a step ends (`stats()`
+5. frees the blocks of finished rows at once (full ones stay cached for later prompts) and hands
+   each token to its request,
+6. publishes its stats for other threads whenever rows join or leave or a step ends (`stats()`
    never reads what the worker mutates).
 
 A failure inside a step fails the requests of that step (500 for them) and the engine goes on.
-Requests that find no free slot wait; past `max_queue` waiting requests `submit` raises
-`Overloaded` (HTTP 429).
+Requests that find no room wait; past `max_queue` waiting requests `submit` raises `Overloaded`
+(HTTP 429).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ from hotpeft.model.arch import Architecture
 from hotpeft.server.engine.interface import (
     Engine, EngineFailure, EngineStats, EventSink, GenerationRequest, Overloaded, Residency, ShuttingDown, TokenEvent,
 )
-from hotpeft.server.engine.kv import SlotKVCache
+from hotpeft.server.engine.blocks import chain_hashes
+from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.engine.residency import DeviceTier
 from hotpeft.server.engine.runner import Sequence, StepRunner, step_error
@@ -48,15 +54,21 @@ class EngineLimits:
     max_queue: int = 256  # waiting requests before 429
     max_resident_adapter_bytes: int = 1 << 30  # bytes of the LoRA stacks (LRU, padding included)
     threads: int | None = None  # torch intra-op threads of the engine thread (None: leave as is)
+    max_num_seqs: int = 32  # sequences running at once
+    watermark: float = 0.01  # share of the KV blocks kept free when admitting beside running rows
 
 
 class BatchEngine(Engine):
-    def __init__(self, model: torch.nn.Module, arch: Architecture, tokenizer, bank: LoraBank, kv: SlotKVCache,
-                 eos_ids: set[int], limits: EngineLimits = EngineLimits()):
+    def __init__(self, model: torch.nn.Module, arch: Architecture, tokenizer, bank: LoraBank, kv: PagedKVCache,
+                 eos_ids: set[int], limits: EngineLimits = EngineLimits(), max_model_len: int | None = None):
         self.kv = kv
         self.limits = limits
         self.tier = DeviceTier(bank, limits.max_resident_adapter_bytes)
-        self.runner = StepRunner(model, arch, kv, bank, tokenizer, eos_ids, limits.max_batch_tokens)
+        self.runner = StepRunner(model, arch, kv, bank, tokenizer, eos_ids, limits.max_batch_tokens,
+                                 max_model_len or kv.capacity_tokens)
+        self._watermark = max(1, int(kv.pool.usable * limits.watermark))
+        self._preempted: deque[Sequence] = deque()  # rows put back, resumed before any new request
+        self._preemptions = 0
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, EventSink]] = deque()
         self._cancelled: set[int] = set()
@@ -64,10 +76,12 @@ class BatchEngine(Engine):
         self._stopping = False
         self._abort: str | None = None  # set by abort_all: fail everything now, keep running
         self._beat = time.monotonic()  # the loop's last sign of progress (wake-up or finished step)
-        self._running: list[Sequence] = []  # index == slot
+        self._running: list[Sequence] = []  # in admission order: the last is the first preempted
         self._thread: threading.Thread | None = None
         self._steps = self._tokens = self._failed_steps = 0
-        self._stats = EngineStats(slots=kv.n_slots, slot_len=kv.slot_len, kv_bytes=kv.nbytes,
+        self._stats = EngineStats(slots=limits.max_num_seqs, kv_bytes=kv.nbytes, kv_capacity_tokens=kv.capacity_tokens,
+                                  max_seq_tokens=kv.capacity_tokens, kv_blocks=kv.pool.usable,
+                                  kv_blocks_free=kv.pool.n_free, block_size=kv.block_size,
                                   max_resident_lora_bytes=limits.max_resident_adapter_bytes)
 
     # ---- the boundary -------------------------------------------------------------------------
@@ -92,7 +106,7 @@ class BatchEngine(Engine):
             if len(self._waiting) >= self.limits.max_queue:
                 raise Overloaded(
                     f"the server is at capacity: {len(self._waiting)} requests are waiting for one of "
-                    f"{self.kv.n_slots} sequence slots (--max-queue {self.limits.max_queue}); retry shortly",
+                    f"room in the KV cache (--max-queue {self.limits.max_queue}); retry shortly",
                     retry_after=1,
                 )
             self._waiting.append((request, sink))
@@ -148,11 +162,17 @@ class BatchEngine(Engine):
 
     # ---- the worker ---------------------------------------------------------------------------
     def _loras_in_use(self) -> set[str]:
-        return {s.lora_key for s in self._running if s.lora_key is not None}
+        return {s.lora_key for s in [*self._running, *self._preempted] if s.lora_key is not None}
 
     def _publish_stats(self) -> None:
+        pool = self.kv.pool
+        c = pool.counters
         self._stats = replace(self._stats, running=len(self._running), kv_tokens=sum(s.kv_len for s in self._running),
-                              steps=self._steps, tokens=self._tokens, failed_steps=self._failed_steps)
+                              steps=self._steps, tokens=self._tokens, failed_steps=self._failed_steps,
+                              kv_blocks_free=pool.n_free, kv_blocks_cached=len(pool.cached),
+                              preempted=len(self._preempted), preemptions=self._preemptions,
+                              prefix_hit_tokens=c.hit_tokens, prefix_query_tokens=c.query_tokens,
+                              prefix_evictions=c.evictions)
 
     @torch.inference_mode()  # the whole worker: the bank's stacks and the KV cache are inference tensors
     def _loop(self) -> None:
@@ -163,8 +183,8 @@ class BatchEngine(Engine):
         log.info("engine thread started: %d torch threads", torch.get_num_threads())
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._running or self._cancelled or self._calls
-                           or self._abort):
+                while not (self._stopping or self._waiting or self._running or self._preempted or self._cancelled
+                           or self._calls or self._abort):
                     self._cond.wait()
                 self._beat = time.monotonic()
                 if self._stopping:
@@ -175,14 +195,15 @@ class BatchEngine(Engine):
                     self._abort = None
                 cancelled, self._cancelled = self._cancelled, set()
                 calls, self._calls = self._calls, []
-                free = self.kv.n_slots - len(self._running)
-                admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                room = self.limits.max_num_seqs - len(self._running) - len(self._preempted)
+                admit = [self._waiting.popleft() for _ in range(max(0, min(room, len(self._waiting))))]
                 if cancelled:
                     self._waiting = deque(item for item in self._waiting if item[0].request_id not in cancelled)
             try:
                 self._run_calls(calls)
                 self._drop_cancelled(cancelled)
-                if admit:
+                if self._preempted or admit:
+                    self._resume()
                     self._admit_all(admit, cancelled)
                     self._publish_stats()  # rows admitted count as running (and as work for the stall check) at once
                 if self._running:
@@ -201,9 +222,13 @@ class BatchEngine(Engine):
             else:
                 future.set_result(result)
 
+    def _resume(self) -> None:
+        while self._preempted and self._place(self._preempted[0], new=False):
+            self._running.append(self._preempted.popleft())
+
     def _admit_all(self, admit: list[tuple[GenerationRequest, EventSink]], cancelled: set[int]) -> None:
         for i, (request, sink) in enumerate(admit):
-            if request.request_id not in cancelled and not self._admit(request, sink):
+            if request.request_id not in cancelled and (self._preempted or not self._admit(request, sink)):
                 with self._cond:  # no room for its adapter yet: it and those behind it wait
                     self._waiting.extendleft(reversed(admit[i:]))
                 break
@@ -214,11 +239,12 @@ class BatchEngine(Engine):
         for _, future in self._calls:
             future.set_exception(ShuttingDown(why))
         self._calls.clear()
-        sinks = [sink for _, sink in self._waiting] + [s.sink for s in self._running]
+        sinks = [sink for _, sink in self._waiting] + [s.sink for s in [*self._running, *self._preempted]]
         self._waiting.clear()
+        self._preempted.clear()
         for s in self._running:
             s.done = True
-        self._compact()
+        self._retire()
         for sink in sinks:
             sink.put(TokenEvent("", [], error=error))
 
@@ -228,10 +254,11 @@ class BatchEngine(Engine):
         for seq in self._running:
             if seq.request.request_id in cancelled:
                 seq.done = True
-        self._compact()
+        self._preempted = deque(s for s in self._preempted if s.request.request_id not in cancelled)
+        self._retire()
 
     def _admit(self, request: GenerationRequest, sink: EventSink) -> bool:
-        """Start a request in a free slot. False: its adapter has no room yet (nothing changed)."""
+        """Start a request. False: its adapter or its KV blocks have no room yet (it waits)."""
         adapter, lora_key = request.adapter, None
         try:
             embeds = self.runner.prompt_embeds(request)
@@ -243,27 +270,74 @@ class BatchEngine(Engine):
             log.exception("request %d could not be admitted", request.request_id)
             sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
             return True
+        seq = self.runner.sequence(request, sink, self.runner.bank.adapter_id(lora_key), lora_key, embeds)
+        if not self._place(seq, new=True):
+            return False
         if self.observer is not None:
             self.observer.admitted(adapter, time.monotonic() - request.created)
-        slot = len(self._running)
-        self.kv.release(slot)
-        self._running.append(self.runner.sequence(request, sink, slot, self.runner.bank.adapter_id(lora_key),
-                                                  lora_key, embeds))
+        self._running.append(seq)
         return True
 
+    def _place(self, seq: Sequence, new: bool) -> bool:
+        """Give a row the blocks of its prompt: the longest cached chain of its own weights' KV, fresh
+        blocks for the rest. False (nothing taken) when the pool cannot hold them above the watermark."""
+        kv, pool = self.kv, self.kv.pool
+        bs = kv.block_size
+        cacheable = (seq.prompt_len - 1) // bs  # the last prompt token is always computed: its logits sample
+        hashes = chain_hashes(seq.kv_key, seq.ids[:cacheable * bs], bs) if pool.prefix_cache else []
+        hits = pool.match(hashes)
+        need = kv.blocks_for(seq.prompt_len) - len(hits)
+        if need > pool.n_free - (self._watermark if self._running else 0):
+            pool.release(hits)
+            return False
+        seq.blocks = hits + pool.allocate(need)
+        seq.hashes = hashes[:len(hits)]
+        seq.kv_len = seq.prefilled = len(hits) * bs
+        if new:
+            pool.count_lookup(seq.prompt_len, seq.kv_len)
+        return True
+
+    def _reserve(self) -> list[int]:
+        """Blocks for this step's tokens of every running row, preempting the newest rows while the pool
+        is short; returns each row's tokens this step."""
+        pool = self.kv.pool
+        while self._running:
+            takes = self.runner.takes(self._running)
+            grow = [max(0, self.kv.blocks_for(s.kv_len + t) - len(s.blocks)) for s, t in zip(self._running, takes)]
+            if sum(grow) <= pool.n_free:
+                for s, n in zip(self._running, grow):
+                    if n:
+                        s.blocks += pool.allocate(n)
+                return takes
+            self._preempt(self._running[-1])
+        return []
+
+    def _preempt(self, s: Sequence) -> None:
+        self.kv.pool.release(s.blocks)  # full blocks stay cached: resuming may find them again
+        s.blocks, s.hashes, s.kv_len, s.prefilled = [], [], 0, 0
+        s.embeds = self.runner.resume_embeds(s)
+        s.prompt_len = s.embeds.shape[0]
+        self._running.remove(s)
+        self._preempted.appendleft(s)
+        self._preemptions += 1
+        log.info("request %d preempted (KV pool out of blocks); it resumes when blocks free up", s.request.request_id)
+
     def _step(self) -> None:
+        takes = self._reserve()
         rows = list(self._running)
+        if not rows:
+            return
         t0 = time.perf_counter()
         try:
             failpoint("engine.step")
-            events = self.runner.run(rows)
+            events = self.runner.run(rows, takes)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
             self._failed_steps += 1
             log.exception("engine step failed for %d requests", len(rows))
             error = step_error(e)
             for s in rows:
                 s.done = True
-            self._compact()
+            self._retire()
             for s in rows:
                 s.sink.put(TokenEvent("", [], error=error))
             return
@@ -271,24 +345,17 @@ class BatchEngine(Engine):
         self._tokens += len(events)
         if self.observer is not None:
             self.observer.stepped(time.perf_counter() - t0, len(rows))
-        self._compact()  # first, so a client that sees its last token sees its row freed too
+        self._retire()  # first, so a client that sees its last token sees its row freed too
         for sink, event in events:
             sink.put(event)
 
-    def _compact(self) -> None:
-        """Drop finished rows; move the last live rows into the holes so slots stay 0..n-1."""
-        rows = self._running
-        alive = [s for s in rows if not s.done]
-        n = len(alive)
-        holes = [i for i in range(n) if rows[i].done]
-        movers = [s for s in rows[n:] if not s.done]
-        for s in rows:
-            if s.done:
-                self.kv.release(s.slot)
-        for hole, s in zip(holes, movers):
-            self.kv.move(s.slot, hole, s.kv_len)
-            s.slot = hole
-        self._running = sorted(alive, key=lambda s: s.slot)
+    def _retire(self) -> None:
+        """Drop finished rows and give their blocks back (no KV is copied)."""
+        for s in self._running:
+            if s.done and s.blocks:
+                self.kv.pool.release(s.blocks)
+                s.blocks = []
+        self._running = [s for s in self._running if not s.done]
         if self.tier.unload_when_idle:
             self.tier.unload_idle(self._loras_in_use())
         self._publish_stats()  # before any event goes out: a client that saw its last token sees its row gone

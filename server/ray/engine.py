@@ -27,7 +27,9 @@ log = logging.getLogger("hotpeft.ray")
 
 # summed over the replicas; the rest are the largest of them, or said otherwise below
 SUMMED = ("running", "waiting", "slots", "kv_tokens", "kv_bytes", "steps", "tokens", "failed_steps", "resident_loras",
-          "resident_lora_bytes", "max_resident_lora_bytes")
+          "resident_lora_bytes", "max_resident_lora_bytes", "kv_capacity_tokens", "kv_blocks", "kv_blocks_free",
+          "kv_blocks_cached", "preempted", "preemptions", "prefix_hit_tokens", "prefix_query_tokens",
+          "prefix_evictions")
 
 
 class RayEngine(Engine):
@@ -52,7 +54,8 @@ class RayEngine(Engine):
         each = [EngineStats.from_dict(state["stats"]) for state in replicas.values() if "stats" in state]
         summed = {f.name: sum(getattr(s, f.name) for s in each) for f in fields(EngineStats) if f.name in SUMMED}
         return EngineStats(
-            **summed, slot_len=max((s.slot_len for s in each), default=0),
+            **summed, max_seq_tokens=max((s.max_seq_tokens for s in each), default=0),
+            block_size=max((s.block_size for s in each), default=0),
             adapters=functools.reduce(operator.add, (s.adapters for s in each), AdapterCounters()),
             alive=any(s.alive for s in each), stalled_s=max((s.stalled_s for s in each), default=0.0),
             replicas=ReplicaStats(up=len(replicas), target=self.target, ids=list(replicas),

@@ -69,8 +69,11 @@ async def dashboard_data(rt: RuntimeDep) -> dict:
         stats = rt.engine.stats()
         data["base"] = rt.base.model_id
         data["engine"] = {"running": stats.running, "waiting": stats.waiting, "kv_used_tokens": stats.kv_tokens,
-                          "kv_capacity_tokens": stats.slots * stats.slot_len, "steps": stats.steps,
-                          "failed_steps": stats.failed_steps}
+                          "kv_capacity_tokens": stats.kv_capacity_tokens, "steps": stats.steps,
+                          "failed_steps": stats.failed_steps, "kv_blocks": stats.kv_blocks,
+                          "kv_blocks_free": stats.kv_blocks_free, "preemptions": stats.preemptions,
+                          "prefix_hit_tokens": stats.prefix_hit_tokens,
+                          "prefix_query_tokens": stats.prefix_query_tokens}
         cache = rt.catalog.cache
         data["tiers"] = {
             "device": {"adapters": stats.resident_loras, "bytes": stats.resident_lora_bytes,
