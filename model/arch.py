@@ -1,4 +1,4 @@
-"""The one description of the decoder architectures hotpeft serves (Llama, Mistral, Qwen2).
+"""The one description of the decoder architectures hotpeft serves (Llama, Mistral, Qwen2, Qwen3, Gemma).
 
 Everything that needs to know a base model's shape reads it here, from its config alone (no
 weights): the engine (heads, KV bytes, sliding window), the LoRA bank (projection groups and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 # The projections an adapter may target, in the order of a layer's outputs.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,6 +45,8 @@ class Architecture:
     hidden_act: str  # the MLP is act(gate) * up -> down
     attention_bias: bool  # q|k|v carry biases (Qwen2)
     sliding_window: int | None  # None: full attention
+    qk_norm: bool = False  # q and k are RMS-normed per head before RoPE (Qwen3)
+    norm_offset: float = 0.0  # norms scale by (offset + weight), computed in float32 (Gemma: 1)
     # RoPE: positions are rotated by the model's own rotary embedding module (its scaling included)
 
     @classmethod
@@ -63,7 +65,8 @@ class Architecture:
             vocab_size=config.vocab_size, max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)),
             rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)), hidden_act=getattr(config, "hidden_act", "silu"),
             attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
-            sliding_window=window or None,
+            sliding_window=window or None, qk_norm=model_type == "qwen3",
+            norm_offset=1.0 if model_type == "gemma" else 0.0,
         )
 
     def projection_shape(self, projection: str) -> tuple[int, int]:

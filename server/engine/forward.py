@@ -8,7 +8,8 @@ transformers' forward does not offer: per-row positions, writing K/V into the se
 and attention of rows with different lengths in one call.
 
 The KV cache is `kv.py`'s block pool; the LoRA deltas are `lora.py`'s groups; the shapes come from
-`hotpeft.model.arch`, one description for Llama, Mistral and Qwen2.
+`hotpeft.model.arch`, one description for Llama, Mistral, Qwen2, Qwen3 (q/k norms) and Gemma
+(norms scaled by 1 + w, GELU).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class StepInput:
 
 
 class DecoderStep:
-    """One forward pass of a Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch."""
+    """One forward pass of a Llama-family decoder over a packed batch."""
 
     def __init__(self, model: torch.nn.Module, arch: Architecture, kv: PagedKVCache, bank: LoraBank,
                  max_model_len: int):
@@ -58,6 +59,7 @@ class DecoderStep:
         self.rope_sign = torch.ones(self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
         self.rope_sign[:self.head_dim // 2] = -1
         self.silu = arch.hidden_act == "silu"
+        self.eps, self.norm_offset, self.qk_norm = arch.rms_norm_eps, arch.norm_offset, arch.qk_norm
         self.fused = self._fuse()
         # Per layer: the LoRA groups (q|k|v, o, gate|up, down); None where a layer has no such projections.
         self.lora = [tuple(bank.group(i, g) for g in ("qkv", "o", "gate_up", "down")) for i in range(len(self.layers))]
@@ -118,9 +120,10 @@ class DecoderStep:
         out = mlp.down_proj(act)
         return out if g_down is None else g_down.add_delta(out, act)
 
-    @staticmethod
-    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_offset:  # Gemma: x normed and scaled by (1 + w) in float32, then cast back
+            return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float() + self.norm_offset, self.eps).type_as(x)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`."""
@@ -146,6 +149,9 @@ class DecoderStep:
             h = self._norm(layer.input_layernorm, x)
             qkv = self._qkv(li, h).view(n_tok, nh + 2 * n_kv, d)
             qk = qkv[:, :nh + n_kv]
+            if self.qk_norm:  # Qwen3: each head's q and k RMS-normed before RoPE
+                attn = layer.self_attn
+                qk = torch.cat([self._norm(attn.q_norm, qk[:, :nh]), self._norm(attn.k_norm, qk[:, nh:])], 1)
             qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on q and k at once
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + n_kv:]
             K, V = self.kv.k[li], self.kv.v[li]
