@@ -13,6 +13,7 @@ BENCH_DOC = """`hotpeft bench`: the engine against what people write today, in o
     hotpeft bench [--model ID|DIR] [--quantize auto] [--clients 16] [--duration 30] [--out bench.json]
     hotpeft bench --smoke          # seconds, for the test suite: every scenario, figures not meaningful
     hotpeft bench --ray            # instead: Ray Serve replicas (bench_ray.py)
+    hotpeft bench --workload ...   # instead: one of the field's workloads (traffic.py; below)
 
 It writes synthetic adapters for the chosen base (8 LoRA of ranks 8 and 16 on attention or on
 attention + MLP, 2 soft prompts, 3 "cold" rank-16 LoRA), starts `hotpeft serve` on 127.0.0.1,
@@ -28,6 +29,13 @@ runs the naive baseline in this process, and prints a table and writes JSON:
 (g) pick-up: this process registers a new version in the server's registry (as `hotpeft train` or
     another server does); time until the server answers a request naming that version
 (h) GET /metrics: render time with 200 more adapters registered, each with traffic
+
+--workload: adapter popularity identical / uniform / skewed (Zipf) / distinct over --adapters
+rank-8 LoRAs, open-loop arrivals (Poisson or Gamma with --cv) at --rate req/s or closed loop
+(--rate 0), prompt and output lengths from a distribution; reports throughput, TTFT and ITL
+p50/p95/p99, SLO attainment, peak KV blocks, preemptions, prefix-cache hit rate, adapter loads.
+--model synthetic:llama-3.1-8b (or llama-3.2-1b, smollm2-135m): a real model's shapes with random
+weights, nothing downloaded ((a), which loads weights with transformers, is skipped for it).
 """
 
 
@@ -55,8 +63,23 @@ def _bench_parser(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="a few seconds in all: checks that every scenario runs")
     p.add_argument("--ray", action="store_true", help="instead: 1 vs 2 Ray Serve replicas on Zipf-popular adapters "
                                                       "(server/tools/bench_ray.py; pip install hotpeft[ray])")
-    p.add_argument("--adapters", type=int, default=32, help="--ray: adapters in the workload")
-    p.add_argument("--zipf", type=float, default=1.1, help="--ray: Zipf exponent of adapter popularity")
+    p.add_argument("--adapters", type=int, default=32, help="--ray, --workload: adapters in the workload")
+    p.add_argument("--zipf-alpha", "--zipf", dest="zipf_alpha", type=float, default=1.1,
+                   help="--ray, --workload skewed: Zipf exponent of adapter popularity")
+    w = p.add_argument_group("--workload")
+    w.add_argument("--workload", action="store_true", help="run one of the field's workloads instead of (a)-(h)")
+    w.add_argument("--popularity", default="skewed", choices=["identical", "uniform", "skewed", "distinct", "all"])
+    w.add_argument("--rate", type=float, default=4.0, help="requests/s of the open-loop arrivals (0: closed loop)")
+    w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (1: Poisson)")
+    w.add_argument("--requests", type=int, default=200, help="requests per run")
+    w.add_argument("--prompt-len", default="lognormal:128,0.5", help="fixed:N, uniform:LO,HI or lognormal:MEDIAN,SIGMA")
+    w.add_argument("--output-len", default="uniform:32,128", help="as --prompt-len")
+    w.add_argument("--rank", type=int, default=8, help="LoRA rank of the workload's adapters")
+    w.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="SLO on time to first token")
+    w.add_argument("--slo-itl-ms", type=float, default=100.0, help="SLO on a request's mean inter-token latency")
+    w.add_argument("--kv-cache-mib", type=int, default=None, help="the server's --kv-cache-mib")
+    w.add_argument("--max-num-seqs", type=int, default=64, help="the server's --max-num-seqs")
+    w.add_argument("--seed", type=int, default=0, help="seed of the popularity, lengths and arrivals")
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -68,9 +91,40 @@ def bench_main(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
         return 0
+    if args.workload:
+        return _workload(args)
     from hotpeft.server.tools import bench  # imports torch: only when a benchmark runs
 
     return bench.run_and_report(args)
+
+
+def _workload(args: argparse.Namespace) -> int:
+    import sys
+
+    from hotpeft.model.source import DEFAULT_MODEL_ID
+    from hotpeft.server.tools import bench_workload, traffic  # imports torch: only when a benchmark runs
+
+    args.model = args.model or DEFAULT_MODEL_ID
+    popularities = list(traffic.POPULARITY) if args.popularity == "all" or args.smoke else [args.popularity]
+    loops = [args.rate]
+    if args.smoke:
+        args.adapters, args.requests, args.prompt_len, args.output_len = 4, 6, "uniform:4,12", "uniform:2,6"
+        loops = [20.0, 0.0]
+        args.clients = min(args.clients, 3)
+    try:
+        traffic.Lengths(args.prompt_len), traffic.Lengths(args.output_len)
+    except ValueError as e:
+        print(f"hotpeft bench: {e}", file=sys.stderr)
+        return 2
+    if args.adapters < 1 or args.requests < 1 or args.rate < 0 or args.cv <= 0 or args.clients < 1:
+        print("hotpeft bench: --adapters >= 1, --requests >= 1, --rate >= 0, --cv > 0 and --clients >= 1 are required",
+              file=sys.stderr)
+        return 2
+    result = bench_workload.run(args, popularities, loops)
+    print(bench_workload.table(result))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def loadtest_main(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import torch
 from hotpeft.model.arch import Architecture
 from hotpeft.model.fingerprint import fingerprint
 from hotpeft.model.source import ModelSource, quiet_transformers
+from hotpeft.model.synthetic import is_synthetic_dir, random_weights
 
 log = logging.getLogger("hotpeft.model")
 
@@ -98,7 +99,10 @@ def load_base(
 
     quiet_transformers()
     device = device or default_device()
-    quantization = quantization or default_quantization(device)
+    synthetic = is_synthetic_dir(source.path)
+    if synthetic and quantization not in (None, "none"):
+        raise ValueError(f"{source.model_id} has random weights and runs unquantized: use --quantize none (or auto)")
+    quantization = quantization or ("none" if synthetic else default_quantization(device))
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if dtype is None:
@@ -114,6 +118,10 @@ def load_base(
     if not weights:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif synthetic:  # random weights with the real shapes, drawn where they live
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        random_weights(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if qconfig is None and weights:

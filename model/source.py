@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotpeft.model.fingerprint import is_complete, write_fingerprint
+from hotpeft.model.synthetic import MARKER, UnknownSynthetic, is_synthetic, synthetic_folder, write_synthetic
 
 log = logging.getLogger("hotpeft.model")
 
@@ -105,9 +106,17 @@ def convert_embedded(home: Path) -> Path:
 
 
 def resolve_model(model: str, home: Path) -> ModelSource:
-    """`--model`: the default id (embedded), a local HF directory, or a hub id."""
+    """`--model`: the default id (embedded), a local HF directory, `synthetic:<shape>`, or a hub id."""
     if model in (DEFAULT_MODEL_ID, "default"):
         return ModelSource(DEFAULT_MODEL_ID, convert_embedded(home))
+    if is_synthetic(model):
+        try:
+            folder = synthetic_folder(model, home)
+            if not (folder / MARKER).is_file():  # written once; it needs the default model's tokenizer
+                folder = write_synthetic(model, home, convert_embedded(home))
+            return ModelSource(model, folder)
+        except UnknownSynthetic as e:
+            raise ModelUnavailable(f"--model: {e}") from e
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():

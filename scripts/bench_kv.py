@@ -39,9 +39,11 @@ async def stream(client: httpx.AsyncClient, body: dict) -> tuple[float, int]:
     async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"content":"' in line:
-                first = first or time.perf_counter() - t0
-                n += 1
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    first = first or time.perf_counter() - t0
+                    n += 1
     return first or float("nan"), n
 
 

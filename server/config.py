@@ -9,13 +9,16 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hotpeft.model.source import DEFAULT_MODEL_ID
+from hotpeft.model.synthetic import SHAPES, check_name, is_synthetic
 from hotpeft.trainer.env import TrainerEnv
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTPEFT_", extra="forbid")
 
-    model: str = Field(DEFAULT_MODEL_ID, description="base model: the embedded default id, a local HF model directory, or a hub id")
+    model: str = Field(DEFAULT_MODEL_ID, description="base model: the embedded default id, a local HF model directory, a "
+                                                     "hub id, or synthetic:<" + "|".join(SHAPES) + "> (a real model's "
+                                                     "shapes with random weights, for benchmarks)")
     quantize: Literal["auto", "none", "int8", "nf4"] = Field(
         "auto", description="resident precision of the base: auto = nf4 on CUDA, none on the CPU"
     )
@@ -104,6 +107,13 @@ class Settings(BaseSettings):
                                          "(pip install hotpeft[ray])")
     replicas: int = Field(1, ge=1, le=1024, description="engine replicas with --ray")
     ray_address: str | None = Field(None, description="Ray cluster to join with --ray (default: start a local one)")
+
+    @field_validator("model")
+    @classmethod
+    def _known_synthetic(cls, v: str) -> str:
+        if is_synthetic(v):
+            check_name(v)  # an unknown shape names the accepted ones
+        return v
 
     @field_validator("home", "adapters_dir", "store_dir", mode="before")
     @classmethod

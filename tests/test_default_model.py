@@ -162,3 +162,46 @@ def test_the_demo_script_uses_the_home_it_is_given_and_no_network(source, model_
     assert again.returncode == 0 and not (tmp_path / "v2" / "pirate").exists()
     first = (tmp_path / "out" / "noisy" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "v2" / "noisy" / "adapter_model.safetensors").read_bytes() != first  # other weights
+
+
+def test_a_synthetic_base_has_the_real_shapes_random_weights_and_nothing_on_disk(source, model_home):
+    from hotpeft.model.synthetic import SHAPES
+
+    synthetic = resolve_model("synthetic:smollm2-135m", model_home)
+    assert synthetic.model_id == "synthetic:smollm2-135m" and not list(synthetic.path.glob("*.safetensors"))
+    base = load_base(synthetic, None, device=torch.device("cpu"), dtype=torch.float32)
+    real = load_base(source, "none", device=torch.device("cpu"), dtype=torch.float32, weights=False)
+    shape = SHAPES["smollm2-135m"]
+    assert (base.arch.hidden_size, base.arch.num_layers, base.arch.num_kv_heads) == (
+        shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"])
+    assert base.arch == real.arch.__class__(**{**real.arch.__dict__, "max_position_embeddings": 8192,
+                                                "rms_norm_eps": 1e-5})
+    weights = base.model.model.layers[0].self_attn.q_proj.weight
+    assert 0.015 < float(weights.std()) < 0.025  # drawn, not left empty
+    assert base.quantization == "none" and base.tokenizer("hello")["input_ids"] == real.tokenizer("hello")["input_ids"]
+    with pytest.raises(ValueError, match="runs unquantized"):
+        load_base(synthetic, "nf4", device=torch.device("cpu"))
+
+
+def test_gpu_check_script_runs_its_cpu_smoke(source, model_home, tmp_path):
+    """scripts/gpu-check.sh, as the GPU machine runs it but on the CPU (GPU_CHECK_SMOKE=1): the CUDA
+    tests skip, the bench runs on a synthetic base, and the results land in $OUT."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hotpeft.model.synthetic import write_synthetic
+
+    home = tmp_path / "gpu-home"
+    write_synthetic("synthetic:smollm2-135m", home, source.path)
+    out = tmp_path / "out"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900, env={
+        **os.environ, "GPU_CHECK_SMOKE": "1", "GPU_HOME": str(home), "OUT": str(out), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipped" in (out / "cuda-tests.log").read_text()
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["settings"]["model"] == "synthetic:smollm2-135m" and bench["scenarios"]["a"] is None
+    assert bench["scenarios"]["b"]["output_tokens"] > 0

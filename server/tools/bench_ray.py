@@ -130,9 +130,9 @@ def run(args) -> dict:
         models = [f"zipf-{i:02d}" for i in range(args.adapters)]
         for i, name in enumerate(models):
             write_lora(adapters_dir / name, arch, source.model_id, rank=8, targets=ALL_LINEAR, seed=300 + i)
-        weights = [1.0 / (rank + 1) ** args.zipf for rank in range(len(models))]
+        weights = [1.0 / (rank + 1) ** args.zipf_alpha for rank in range(len(models))]
         runs = [_measure(args, adapters_dir, models, weights, n) for n in (0, 1, 2)]
-    return {"machine": machine(), "adapters": args.adapters, "zipf": args.zipf, "clients": args.clients,
+    return {"machine": machine(), "adapters": args.adapters, "zipf": args.zipf_alpha, "clients": args.clients,
             "duration_s": args.duration, "max_tokens": args.max_tokens, "runs": runs}
 
 

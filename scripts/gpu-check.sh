@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, on one GPU machine with a stock PyTorch image and no network
+# (prepare with scripts/gpu-wheels.sh on the CPU machine; the device tool carries .gpu):
+#   1. the CUDA tests (tests/test_cuda.py, tests/test_quantize.py -m cuda): engine == PEFT in float32
+#      (alone, mixed, prefix hit, preemption) and bfloat16, nf4 and int8 bases;
+#   2. hotpeft bench on synthetic:llama-3.1-8b (base, 8 mixed LoRAs + 2 soft prompts, one stream)
+#      writing JSON.
+# Results go to $OUT (the device tool's) or ./gpu-out. GPU_CHECK_SMOKE=1: the same on the CPU with
+# synthetic:smollm2-135m and `bench --smoke`, to check the script itself (tests/test_default_model.py
+# does, with GPU_HOME, PYTHON and OUT set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hotpeft-site .gpu/wheels/*.whl
+fi
+# hotpeft from this checkout without installing it: hotpeft.<room> -> ./<room>
+PKG=$(mktemp -d)/pkg
+mkdir -p "$PKG/hotpeft"
+for room in adapters model server trainer cli; do ln -s "$PWD/$room" "$PKG/hotpeft/$room"; done
+export PYTHONPATH="$PKG:/tmp/hotpeft-site:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  MODEL=synthetic:smollm2-135m; BENCH=(--smoke --device cpu --dtype float32)
+else
+  MODEL=synthetic:llama-3.1-8b; BENCH=(--duration 60 --rounds 2 --cold 2 --pickups 3 --metrics-adapters 20)
+fi
+status=0
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_quantize.py -m cuda -rs 2>&1 \
+  | tee "$OUT/cuda-tests.log" || status=1
+timeout 300 $PY -m hotpeft.cli bench --model "$MODEL" --home "${GPU_HOME:-.gpu/home}" --quantize none "${BENCH[@]}" \
+  --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "gpu-check: exit $status; results in $OUT"
+exit $status
