@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from hotpeft.server.tools import loadtest
@@ -99,9 +100,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
 
 def _workload(args: argparse.Namespace) -> int:
-    import sys
-
-    from hotpeft.model.source import DEFAULT_MODEL_ID
+    from hotpeft.model.source import DEFAULT_MODEL_ID  # the model package: only when a benchmark runs
     from hotpeft.server.tools import bench_workload, traffic  # imports torch: only when a benchmark runs
 
     args.model = args.model or DEFAULT_MODEL_ID
