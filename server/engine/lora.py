@@ -235,12 +235,15 @@ class LoraBank:
                 layout = layouts[sig] = Layout(*sig)
             group.layout = layout
         self.layouts = list(layouts.values())
+        for layout in self.layouts:
+            layout.build_table(self._next_id, self.device)
 
     # ---- the step -------------------------------------------------------------------------------
-    def plan(self, token_ids: list[int]) -> None:
-        """Before a forward pass: the adapter id of every packed token (0 for none)."""
+    def plan(self, row_ids: list[int], takes: list[int], token_ids: torch.Tensor) -> None:
+        """Before a forward pass: each row's adapter id (0 for none) and tokens, and every packed
+        token's adapter id on the device."""
         for layout in self.layouts:
-            layout.plan = plan_layout(layout, token_ids, self.width, self.dtype, self.device)
+            layout.plan = plan_layout(layout, row_ids, takes, token_ids, self.width, self.dtype)
 
     def clear_plan(self) -> None:
         for layout in self.layouts:

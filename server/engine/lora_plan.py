@@ -15,8 +15,10 @@ On a CPU a small matmul costs about the same whatever its size, so few, wide ops
 keep this cheap.
 
 Groups whose resident adapters sit in the same slots with the same padded rank (usually every
-q|k|v, every down, ...) share one `Layout`, so a plan is built once per layout and step, from
-Python lists: planning never waits on the device.
+q|k|v, every down, ...) share one `Layout`, so a plan is built once per layout and step. The host
+decides from the rows alone (their adapters and token counts: which slots, span or bmm, the
+busiest slot's count); each token's slot, mask and gather indices are computed on the device from
+the step's per-token adapter ids, so planning never loops over tokens and never waits on the device.
 """
 from __future__ import annotations
 
@@ -49,42 +51,51 @@ class Layout:
     entries: tuple[tuple[int, int], ...]
     rank: int
     slot_of: dict[int, int] = field(default_factory=dict)
+    table: torch.Tensor | None = None  # (adapter ids,) long on the device: the slot of each id, -1 for none
     plan: StepPlan | None = None
 
     def __post_init__(self):
         self.slot_of = dict(self.entries)
 
+    def build_table(self, n_ids: int, device: torch.device) -> None:
+        table = [-1] * n_ids
+        for aid, slot in self.entries:
+            table[aid] = slot
+        self.table = torch.tensor(table, dtype=torch.long, device=device)
 
-def plan_layout(layout: Layout, token_ids: list[int], width: float, dtype: torch.dtype,
-                device: torch.device) -> StepPlan | None:
-    """The plan of one layout for tokens whose adapter ids are `token_ids` (0: none); None when no
+
+def plan_layout(layout: Layout, row_ids: list[int], takes: list[int], token_ids: torch.Tensor, width: float,
+                dtype: torch.dtype) -> StepPlan | None:
+    """The plan of one layout for rows whose adapter ids are `row_ids` (0: none) running `takes`
+    tokens each; `token_ids` (N,) is every packed token's adapter id on the device. None when no
     token uses an adapter of this layout. `width`: a group's typical in + out features."""
-    n = len(token_ids)
-    slots = [layout.slot_of.get(a, -1) for a in token_ids]
-    used = sorted(set(slots) - {-1})
-    if not used:
+    counts: dict[int, int] = {}  # slot -> tokens this step
+    for aid, take in zip(row_ids, takes):
+        slot = layout.slot_of.get(aid, -1)
+        if slot >= 0:
+            counts[slot] = counts.get(slot, 0) + take
+    if not counts:
         return None
-    s0, s1 = used[0], used[-1] + 1
-    if len(used) == 1 and -1 not in slots:  # every token uses this one adapter
+    n = token_ids.shape[0]
+    s0, s1 = min(counts), max(counts) + 1
+    if len(counts) == 1 and counts[s0] == n:  # every token uses this one adapter
         return StepPlan(s0, s1)
-    counts = {s: 0 for s in range(s0, s1)}
-    for s in slots:
-        if s >= 0:
-            counts[s] += 1
+    slots = layout.table[token_ids]  # (N,) on the device, -1 for tokens without an adapter here
     per_slot = max(counts.values())
     saving = (n - per_slot) * (s1 - s0) * layout.rank * width  # span: N x slots; bmm: T x slots
     if saving > BMM_MIN_SAVING:
-        zero_row = (s1 - s0) * per_slot
-        gather, back, fill = [0] * zero_row, [zero_row] * n, dict.fromkeys(counts, 0)
-        for t, s in enumerate(slots):
-            if s >= 0:
-                row = (s - s0) * per_slot + fill[s]
-                fill[s] += 1
-                gather[row] = t
-                back[t] = row
-        return StepPlan(s0, s1, gather=torch.tensor(gather, device=device), back=torch.tensor(back, device=device),
-                        per_slot=per_slot)
-    r = layout.rank
-    owner = torch.arange(s0, s1, device=device).repeat_interleave(r)  # (cols,)
-    tok = torch.tensor(slots, device=device)
-    return StepPlan(s0, s1, mask=(tok.unsqueeze(1) == owner.unsqueeze(0)).to(dtype))
+        n_slots, device = s1 - s0, slots.device
+        zero_row = n_slots * per_slot
+        key = torch.where(slots >= 0, slots - s0, n_slots)  # tokens without an adapter here sort last
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+        # tokens per slot by scatter_add, not bincount: bincount reads its input's max back on CUDA
+        per = torch.zeros(n_slots + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+        starts = per.cumsum(0) - per
+        rank_in_slot = torch.arange(n, device=device) - starts[sorted_key]
+        rows = torch.where(sorted_key < n_slots, sorted_key * per_slot + rank_in_slot, zero_row)
+        back = torch.empty(n, dtype=torch.long, device=device).index_put_((order,), rows)
+        gather = torch.zeros(zero_row + 1, dtype=torch.long, device=device).index_put_((rows,), order)[:zero_row]
+        return StepPlan(s0, s1, gather=gather, back=back, per_slot=per_slot)
+    owner = torch.arange(s0, s1, device=slots.device).repeat_interleave(layout.rank)  # (cols,)
+    return StepPlan(s0, s1, mask=(slots.unsqueeze(1) == owner.unsqueeze(0)).to(dtype))

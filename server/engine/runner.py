@@ -131,51 +131,54 @@ class StepRunner:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def build(self, rows: list[Sequence], takes: list[int]) -> tuple[StepInput, list[Sequence]]:
-        """The packed batch and the rows sampled this step. Every row holds the blocks its tokens need."""
+        """The packed batch and the rows sampled this step. Every row holds the blocks its tokens need.
+
+        Host work is per row and per block, never per token: each token's position, KV row and
+        adapter are expanded from its row's on the device."""
         bs = self.kv.block_size
         decode_tokens = [s.last_token for s in rows if s.decoding]
-        positions, kv_rows, chunks, sample_rows, prefill = [], [], [], [], []
+        chunks, sample_rows, prefill = [], [], {}
         n_tok = 0
         for row, (s, take) in enumerate(zip(rows, takes)):
             if s.decoding:
                 sample_rows.append(row)
             else:
-                prefill.append((row, s.embeds[s.prefilled:s.prefilled + take]))
+                prefill[row] = s.embeds[s.prefilled:s.prefilled + take]
                 if take > 1:
                     chunks.append((row, n_tok, n_tok + take, s.kv_len))
                 if s.prefilled + take == s.prompt_len:
                     sample_rows.append(row)
-            for pos in range(s.kv_len, s.kv_len + take):
-                positions.append(pos)
-                kv_rows.append(s.blocks[pos // bs] * bs + pos % bs)
             n_tok += take
         kv_lens = [s.kv_len + t for s, t in zip(rows, takes)]
         read = max(kv_lens)
         width = self.kv.blocks_for(read)
         table = [b for s in rows for b in (s.blocks[:width] + [0] * (width - len(s.blocks)))]
-        n, r = n_tok, len(rows)
-        ints = self.upload(decode_tokens + positions + kv_rows + list(itertools.accumulate(takes)) + kv_lens
-                           + sample_rows + table)
-        cut = list(itertools.accumulate([len(decode_tokens), n, n, r, r, len(sample_rows), len(table)]))
-        dec, pos_t, rows_t, ends, lens, sample_t, table_t = (ints[a:b] for a, b in zip([0] + cut, cut))
+        r = len(rows)
+        ints = self.upload(decode_tokens + takes + kv_lens + [s.adapter_id for s in rows] + sample_rows + table)
+        cut = list(itertools.accumulate([len(decode_tokens), r, r, r, len(sample_rows), len(table)]))
+        dec, takes_t, lens, aids, sample_t, table_t = (ints[a:b] for a, b in zip([0] + cut, cut))
+        table_t = table_t.view(r, width)
+        ends = takes_t.cumsum(0)
+        row_of = torch.repeat_interleave(torch.arange(r, device=self.device), takes_t, output_size=n_tok)  # (N,)
+        positions = (lens - takes_t)[row_of] + torch.arange(n_tok, device=self.device) - (ends - takes_t)[row_of]
+        kv_rows = table_t[row_of, positions // bs] * bs + positions % bs
         embeds = self.embed(dec) if decode_tokens else None
         if prefill:  # packed in row order: a decode row's token between the prompt chunks
             pieces, di = [], 0
-            chunk_of = dict(prefill)
-            for row, s in enumerate(rows):
-                if row in chunk_of:
-                    pieces.append(chunk_of[row])
+            for row in range(r):
+                if row in prefill:
+                    pieces.append(prefill[row])
                 else:
                     pieces.append(embeds[di:di + 1])
                     di += 1
             embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         # Each row's positions [0, read): its blocks' rows, the null block's past its length.
         span = torch.arange(read, device=self.device)
-        gather = table_t.view(r, width).gather(1, (span // bs).expand(r, -1)) * bs + span % bs
+        gather = table_t.gather(1, (span // bs).expand(r, -1)) * bs + span % bs
         gather = gather.masked_fill(span.unsqueeze(0) >= lens.unsqueeze(1), 0)
-        step = StepInput(embeds=embeds, positions=pos_t, kv_rows=rows_t, last_index=ends - 1, kv_lens=lens,
+        step = StepInput(embeds=embeds, positions=positions, kv_rows=kv_rows, last_index=ends - 1, kv_lens=lens,
                          gather=gather, chunks=chunks, read_len=read, sample_rows=sample_t)
-        self.bank.plan([s.adapter_id for s, t in zip(rows, takes) for _ in range(t)])
+        self.bank.plan([s.adapter_id for s in rows], takes, aids[row_of])
         return step, [rows[i] for i in sample_rows]
 
     @torch.inference_mode()
