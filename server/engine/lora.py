@@ -10,10 +10,12 @@ adapter:
 
 `r` is the largest summed rank of any adapter in that group: smaller ones are zero-padded (their
 padding adds exact zeros). An adapter takes the lowest free slot of each group it has weights
-in, and none where it has none. Stacks are sized exactly: they grow to the highest slot in use
-and the largest rank, and shrink again when the adapter that needed the size leaves. So the
-bytes the stacks hold (`stack_bytes`) are what the residency budget counts; one rank-64
-adapter among rank-8 ones costs what its padding costs.
+in, and none where it has none. A group's rank is exactly the largest resident one; its slots
+grow ahead, doubling, while the doubled stacks still fit the residency budget (exactly
+otherwise), and shrink when half of them are free: so a new adapter rarely pays for copying the
+stacks (a copy of every resident adapter's weights, which stalls every running stream). The
+bytes the stacks hold (`stack_bytes`, free slots included) are what the residency budget
+counts; one rank-64 adapter among rank-8 ones costs what its padding costs.
 
 How a step multiplies tokens by their own adapter's slot is `lora_plan.py`. The base layers
 (plain, int8 or nf4) are never modified.
@@ -60,11 +62,18 @@ class LoraGroup:
         used = set(self.slot_of.values())
         return next(i for i in range(len(used) + 1) if i not in used)
 
-    def bytes_with(self, rank: int) -> int:
+    def target_slots(self, needed: int, ahead: bool) -> int:
+        """Slots the stacks take to hold `needed`: as now when they do, else doubled (`ahead`) or exact."""
+        cap = self.A.shape[0]
+        if needed <= cap:
+            return cap
+        return max(needed, 2 * cap) if ahead else needed
+
+    def bytes_with(self, rank: int, ahead: bool = False) -> int:
         """What this group's stacks would hold with one more adapter of summed rank `rank`."""
         if rank == 0:
             return self.nbytes()
-        return self.bytes_for(max(self.A.shape[0], self.free_slot() + 1), max(self.A.shape[1], rank))
+        return self.bytes_for(self.target_slots(self.free_slot() + 1, ahead), max(self.A.shape[1], rank))
 
     # ---- the step -------------------------------------------------------------------------------
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +127,11 @@ class LoraGroup:
         B_new[:keep_n, :keep_r] = self.Bt[:keep_n, :keep_r]
         self.A, self.Bt = A_new, B_new
 
-    def put(self, aid: int, A: torch.Tensor, Bt: torch.Tensor) -> None:
-        """Write one adapter into the lowest free slot, growing the stacks to fit it exactly."""
+    def put(self, aid: int, A: torch.Tensor, Bt: torch.Tensor, ahead: bool = False) -> None:
+        """Write one adapter into the lowest free slot, growing the stacks if they must."""
         r = A.shape[0]
         slot = self.free_slot()
-        n_slots, r_max = max(self.A.shape[0], slot + 1), max(self.A.shape[1], r)
+        n_slots, r_max = self.target_slots(slot + 1, ahead), max(self.A.shape[1], r)
         if (n_slots, r_max) != tuple(self.A.shape[:2]):
             self._resize(n_slots, r_max)
         self.A[slot].zero_()
@@ -133,12 +142,14 @@ class LoraGroup:
         self.rank_of[aid] = r
 
     def drop(self, aid: int) -> None:
-        """Free an adapter's slot; shrink the stacks when it held the highest slot or the largest rank."""
+        """Free an adapter's slot; shrink the stacks when it held the largest rank, or when no more
+        than half their slots are below the highest one in use."""
         slot = self.slot_of.pop(aid)
         del self.rank_of[aid]
         self.A[slot].zero_()
         self.Bt[slot].zero_()
-        n_slots = max(self.slot_of.values(), default=-1) + 1
+        needed = max(self.slot_of.values(), default=-1) + 1
+        n_slots = needed if needed <= self.A.shape[0] // 2 else self.A.shape[0]
         rank = max(self.rank_of.values(), default=0)
         if (n_slots, rank) != tuple(self.A.shape[:2]):
             self._resize(n_slots, rank)
@@ -167,6 +178,7 @@ class LoraBank:
         self.adapters: dict[str, tuple[int, set[tuple[int, str]]]] = {}  # key -> (id, the groups it has weights in)
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
         self.layouts: list[Layout] = []
+        self.budget: int | None = None  # the residency budget: stacks grow ahead only within it
 
     def group(self, layer: int, name: str) -> LoraGroup | None:
         return self.groups.get((layer, name))
@@ -182,9 +194,17 @@ class LoraBank:
         """Bytes the stacks hold now, rank padding and free slots below the highest included."""
         return sum(g.nbytes() for g in self.groups.values())
 
+    def _with(self, modules: dict[str, LoraModule]) -> tuple[int, bool]:
+        """(stack bytes after loading this adapter, whether the stacks grow ahead): ahead when the
+        doubled stacks fit the budget, exactly otherwise."""
+        ahead = sum(g.bytes_with(g.rank_in(modules), True) for g in self.groups.values())
+        if self.budget is None or ahead <= self.budget:
+            return ahead, True
+        return sum(g.bytes_with(g.rank_in(modules)) for g in self.groups.values()), False
+
     def stack_bytes_with(self, modules: dict[str, LoraModule]) -> int:
         """What `stack_bytes` would be after loading this adapter."""
-        return sum(g.bytes_with(g.rank_in(modules)) for g in self.groups.values())
+        return self._with(modules)[0]
 
     def stack_bytes_alone(self, modules: dict[str, LoraModule]) -> int:
         """The stacks' bytes with this adapter as the only one: the least the budget must allow."""
@@ -206,8 +226,9 @@ class LoraBank:
                 parts[gkey] = w
         aid = self._next_id
         self._next_id += 1
+        _, ahead = self._with(modules)
         for gkey, (A, Bt) in parts.items():
-            self.groups[gkey].put(aid, A, Bt)
+            self.groups[gkey].put(aid, A, Bt, ahead)
         self.adapters[key] = (aid, set(parts))
         self._relayout()
         return True

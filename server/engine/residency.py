@@ -29,6 +29,7 @@ class DeviceTier:
     def __init__(self, bank: LoraBank, budget: int):
         self.bank = bank
         self.budget = budget
+        bank.budget = budget  # the stacks grow ahead only within it
         self.pinned: set[str] = set()
         self.unload_when_idle: set[str] = set()  # released while running requests used them
         self._used: dict[str, None] = {}  # insertion order = least recently used first
