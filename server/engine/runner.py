@@ -9,22 +9,23 @@ one tensor, and the sampled tokens come back in one copy: one host sync per step
 from __future__ import annotations
 
 import itertools
-import random
 import logging
+import random
 from dataclasses import dataclass, field
 
 import torch
 
 from hotpeft.model.arch import Architecture
+from hotpeft.server.engine.blocks import chain_hashes
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import DecoderStep, StepInput
 from hotpeft.server.engine.interface import EngineFailure, EventSink, GenerationRequest, OutOfMemory, TokenEvent
-from hotpeft.server.engine.blocks import chain_hashes
 from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.engine.sampling import make_generator, sample
 
 log = logging.getLogger("hotpeft.engine")
+
 
 @dataclass(eq=False)
 class Sequence:
