@@ -13,14 +13,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+SCRATCH=$(mktemp -d)
+SITE=$SCRATCH/site
 if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hotpeft-site .gpu/wheels/*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/wheels/*.whl
 fi
 # hotpeft from this checkout without installing it: hotpeft.<room> -> ./<room>
-PKG=$(mktemp -d)/pkg
+PKG=$SCRATCH/pkg
 mkdir -p "$PKG/hotpeft"
 for room in adapters model server trainer cli; do ln -s "$PWD/$room" "$PKG/hotpeft/$room"; done
-export PYTHONPATH="$PKG:/tmp/hotpeft-site:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PKG:$SITE:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   MODEL=synthetic:smollm2-135m; BENCH=(--smoke --device cpu --dtype float32)

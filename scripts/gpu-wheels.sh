@@ -3,7 +3,7 @@
 # what scripts/gpu-check.sh needs on a GPU machine whose image has PyTorch, transformers, peft,
 # prometheus-client and httpx but none of the server's other packages, and no network:
 #   .gpu/wheels/  Python 3.12 x86-64 wheels of those packages, the versions installed in .venv
-#   .gpu/home/    the synthetic models' folders (config + the default model's tokenizer, no weights)
+#   .gpu/home/    synthetic:llama-3.1-8b's folder (config + the default model's tokenizer, no weights)
 # Usage: bash scripts/gpu-wheels.sh [--home DIR]   (DIR: a home with the default model converted;
 #        default $HOTPEFT_HOME or ~/.hotpeft, converted there if needed)
 set -euo pipefail
@@ -13,7 +13,7 @@ HOME_DIR=${HOTPEFT_HOME:-$HOME/.hotpeft}
 PY=.venv/bin/python
 PACKAGES="fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types
 typing-inspection SQLAlchemy greenlet python-multipart bitsandbytes openai jiter sniffio anyio"
-rm -rf .gpu/wheels && mkdir -p .gpu/wheels .gpu/home
+rm -rf .gpu && mkdir -p .gpu/wheels .gpu/home
 for pkg in $PACKAGES; do
   version=$($PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$pkg")
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -25,11 +25,10 @@ HOTPEFT_HOME="$HOME_DIR" $PY - <<'PY'
 import os
 from pathlib import Path
 from hotpeft.model.source import resolve_model
-from hotpeft.model.synthetic import SHAPES, write_synthetic
+from hotpeft.model.synthetic import write_synthetic
 
 tokenizer = resolve_model("default", Path(os.environ["HOTPEFT_HOME"]).expanduser()).path
-for name in SHAPES:
-    print("wrote", write_synthetic("synthetic:" + name, Path(".gpu/home"), tokenizer))
+print("wrote", write_synthetic("synthetic:llama-3.1-8b", Path(".gpu/home"), tokenizer))  # what gpu-check.sh serves
 PY
 size=$(du -sm .gpu | cut -f1)
 echo "gpu-wheels: .gpu holds ${size} MiB (the device tool carries at most 64 MiB with the working tree)"
