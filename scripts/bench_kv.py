@@ -21,16 +21,10 @@ from pathlib import Path
 import httpx
 
 from hotpeft.server.tools.localserver import LocalServer
+from hotpeft.server.tools.traffic import counters
 
 SYSTEM = " ".join(f"Rule {i}: answer politely, cite the order number, and never promise a refund before checking."
                   for i in range(60))
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return float("nan")
 
 
 async def stream(client: httpx.AsyncClient, body: dict) -> tuple[float, int]:
@@ -66,12 +60,10 @@ async def small_pool(url: str) -> dict:
         done = await asyncio.gather(*(stream(client, b) for b in bodies))
         wall = time.perf_counter() - t0
         watcher.cancel()
-        metrics = (await client.get("/metrics")).text
+        seen = counters((await client.get("/metrics")).text)
     return {"streams": len(done), "completed_tokens": [n for _, n in done], "wall_s": round(wall, 1),
-            "preemptions": metric(metrics, "hotpeft_preemptions_total"), "peak_running": peak["running"],
-            "kv_tokens_at_peak": peak["kv_used_tokens"],
-            "kv_blocks": metric(metrics, "hotpeft_kv_cache_blocks"),
-            "kv_budget_bytes": metric(metrics, "hotpeft_kv_cache_budget_bytes")}
+            "preemptions": seen["preemptions"], "peak_running": peak["running"],
+            "kv_tokens_at_peak": peak["kv_used_tokens"], "kv_blocks": seen["kv_blocks"]}
 
 
 async def prefix(url: str, n: int = 6) -> dict:
@@ -82,10 +74,9 @@ async def prefix(url: str, n: int = 6) -> dict:
                 {"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}: where is my parcel?"}]}
             first, _ = await stream(client, body)
             ttft.append(first)
-        metrics = (await client.get("/metrics")).text
+        seen = counters((await client.get("/metrics")).text)
     return {"ttft_first_ms": round(ttft[0] * 1000, 1), "ttft_median_ms": round(statistics.median(ttft[1:]) * 1000, 1),
-            "hit_tokens": metric(metrics, "hotpeft_prefix_cache_hit_tokens_total"),
-            "query_tokens": metric(metrics, "hotpeft_prefix_cache_query_tokens_total")}
+            "hit_tokens": seen["prefix_hit_tokens"], "query_tokens": seen["prefix_query_tokens"]}
 
 
 def main() -> None:
