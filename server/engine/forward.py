@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hotpeft.model.arch import Architecture
+from hotpeft.server.engine.attention import choose
 from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
 
@@ -31,10 +32,7 @@ class StepInput:
     positions: torch.Tensor  # (N,) long, position of each token in its sequence
     kv_rows: torch.Tensor  # (N,) long, the KV row (block * block_size + offset) each token writes
     last_index: torch.Tensor  # (R,) long, packed index of each row's last token
-    kv_lens: torch.Tensor  # (R,) long, filled positions of each row after this step
-    gather: torch.Tensor  # (R, read_len) long, KV rows of each row's positions; the null block past its length
-    chunks: list[tuple[int, int, int, int]]  # rows with more than one token: (row, start, end, first position)
-    read_len: int  # max of kv_lens: how far attention reads
+    attn: dict  # the attention kernel's metadata of this step (`attention.py`)
     sample_rows: torch.Tensor  # (S,) long, rows whose last token's logits are needed
 
 
@@ -61,6 +59,8 @@ class DecoderStep:
         self.silu = arch.hidden_act == "silu"
         self.eps, self.norm_offset, self.qk_norm = arch.rms_norm_eps, arch.norm_offset, arch.qk_norm
         self.fused = self._fuse()
+        self.attention = choose(self.embed.weight.device, self.embed.weight.dtype, self.n_heads, self.n_kv,
+                                self.head_dim, kv.block_size)
         # Per layer: the LoRA groups (q|k|v, o, gate|up, down); None where a layer has no such projections.
         self.lora = [tuple(bank.group(i, g) for g in ("qkv", "o", "gate_up", "down")) for i in range(len(self.layers))]
 
@@ -129,22 +129,11 @@ class DecoderStep:
         """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`."""
         x = step.embeds  # (N, H)
         n_tok = x.shape[0]
-        n_rows = step.kv_lens.shape[0]
-        d, n_kv, g, nh = self.head_dim, self.n_kv, self.groups, self.n_heads
+        d, n_kv, nh = self.head_dim, self.n_kv, self.n_heads
         cos, sin = self.rotary(x, step.positions.unsqueeze(0))  # (1, N, d)
         half = d // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): 4 ops per RoPE.
         cos, sin = cos[0].unsqueeze(1), (sin[0] * self.rope_sign).unsqueeze(1)  # (N, 1, d)
-        read = step.read_len
-        # Decode attention: every row's last token against its own slot; positions past its length masked.
-        keep = torch.arange(read, device=x.device).unsqueeze(0) < step.kv_lens.unsqueeze(1)  # (R, read)
-        keep = keep.view(n_rows, 1, 1, read)
-        causal = []
-        for row, start, end, first in step.chunks:
-            c = end - start
-            q_pos = first + torch.arange(c, device=x.device)
-            m = torch.arange(first + c, device=x.device).unsqueeze(0) <= q_pos.unsqueeze(1)  # (c, first + c)
-            causal.append(m.repeat(g, 1))  # query heads of one KV head are stacked along the query axis
         for li, layer in enumerate(self.layers):
             h = self._norm(layer.input_layernorm, x)
             qkv = self._qkv(li, h).view(n_tok, nh + 2 * n_kv, d)
@@ -157,25 +146,7 @@ class DecoderStep:
             K, V = self.kv.k[li], self.kv.v[li]
             K[step.kv_rows] = k
             V[step.kv_rows] = v
-            # Each row's positions gathered from its blocks: (R, n_kv, read, d).
-            Kr, Vr = K[step.gather].transpose(1, 2), V[step.gather].transpose(1, 2)
-            # (R, n_kv, g, d): grouped query heads as a query axis of length g -> no K/V repeat.
-            ql = q[step.last_index].view(n_rows, n_kv, g, d)
-            o = F.scaled_dot_product_attention(ql, Kr, Vr, attn_mask=keep, scale=self.scaling)  # (R, n_kv, g, d)
-            if n_rows == n_tok:  # decode only: rows are tokens
-                out = o.reshape(n_tok, nh * d)
-            else:
-                out = torch.empty(n_tok, nh, d, dtype=q.dtype, device=q.device)
-                out[step.last_index] = o.reshape(n_rows, nh, d)
-                for (row, start, end, first), mask in zip(step.chunks, causal):
-                    c = end - start
-                    qc = q[start:end].reshape(c, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * c, d)
-                    oc = F.scaled_dot_product_attention(
-                        qc.unsqueeze(0), Kr[row:row + 1, :, :first + c], Vr[row:row + 1, :, :first + c],
-                        attn_mask=mask, scale=self.scaling,
-                    )  # (1, n_kv, g * c, d)
-                    out[start:end] = oc.view(n_kv, g, c, d).permute(2, 0, 1, 3).reshape(c, nh, d)
-                out = out.view(n_tok, nh * d)
+            out = self.attention(q, K, V, step.attn, n_kv, self.scaling).reshape(n_tok, nh * d)
             x = x + self._o(li, out)
             x = x + self._mlp(li, self._norm(layer.post_attention_layernorm, x))
         last = x[step.last_index[step.sample_rows]]  # (S, H)

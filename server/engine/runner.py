@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotpeft.model.arch import Architecture
+from hotpeft.server.engine.attention import StepShape
 from hotpeft.server.engine.blocks import chain_hashes
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import DecoderStep, StepInput
@@ -138,21 +139,18 @@ class StepRunner:
         adapter are expanded from its row's on the device."""
         bs = self.kv.block_size
         decode_tokens = [s.last_token for s in rows if s.decoding]
-        chunks, sample_rows, prefill = [], [], {}
+        sample_rows, prefill = [], {}
         n_tok = 0
         for row, (s, take) in enumerate(zip(rows, takes)):
             if s.decoding:
                 sample_rows.append(row)
             else:
                 prefill[row] = s.embeds[s.prefilled:s.prefilled + take]
-                if take > 1:
-                    chunks.append((row, n_tok, n_tok + take, s.kv_len))
                 if s.prefilled + take == s.prompt_len:
                     sample_rows.append(row)
             n_tok += take
         kv_lens = [s.kv_len + t for s, t in zip(rows, takes)]
-        read = max(kv_lens)
-        width = self.kv.blocks_for(read)
+        width = self.kv.blocks_for(max(kv_lens))
         table = [b for s in rows for b in (s.blocks[:width] + [0] * (width - len(s.blocks)))]
         r = len(rows)
         ints = self.upload(decode_tokens + takes + kv_lens + [s.adapter_id for s in rows] + sample_rows + table)
@@ -173,12 +171,9 @@ class StepRunner:
                     pieces.append(embeds[di:di + 1])
                     di += 1
             embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        # Each row's positions [0, read): its blocks' rows, the null block's past its length.
-        span = torch.arange(read, device=self.device)
-        gather = table_t.gather(1, (span // bs).expand(r, -1)) * bs + span % bs
-        gather = gather.masked_fill(span.unsqueeze(0) >= lens.unsqueeze(1), 0)
-        step = StepInput(embeds=embeds, positions=positions, kv_rows=kv_rows, last_index=ends - 1, kv_lens=lens,
-                         gather=gather, chunks=chunks, read_len=read, sample_rows=sample_t)
+        attn = self.step_fn.attention.prepare(StepShape(takes, kv_lens, takes_t, lens, table_t, bs))
+        step = StepInput(embeds=embeds, positions=positions, kv_rows=kv_rows, last_index=ends - 1, attn=attn,
+                         sample_rows=sample_t)
         self.bank.plan([s.adapter_id for s in rows], takes, aids[row_of])
         return step, [rows[i] for i in sample_rows]
 
