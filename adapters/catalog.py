@@ -295,14 +295,16 @@ class AdapterCatalog:
         return Resolved(model, record)
 
     def load(self, record: VersionRecord) -> AdapterVersion:
-        """The version's weights, from the CPU tier or else from the store (checked against its sha256)."""
+        """The version's weights, from the CPU tier or else from the store (checked against its sha256,
+        unless the file is untouched since it last was)."""
 
         def read() -> ParsedAdapter:
             try:
-                folder = self.store.verified_folder(record.store_key, record.sha256)
-                # Checked completely at registration; read again with the same checks (this server's limits).
+                folder, untouched = self.store.checked_folder(record.store_key, record.sha256)
+                # Checked completely at registration; read again with the same checks (this server's limits),
+                # the values' scan only when the bytes are not known to be the registered ones.
                 return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
-                                        label=record.key)
+                                        label=record.key, check_values=not untouched)
             except (AdapterUnavailable, AdapterInvalid, UnsafePath, OSError) as e:
                 # Registered whole, so whatever is wrong now is wrong with the storage, not the request.
                 raise AdapterUnavailable(

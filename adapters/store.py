@@ -37,6 +37,7 @@ from hotpeft.adapters.paths import UnsafePath, inside
 
 TEMPLATE_FILE = "chat_template.jinja"
 MANIFEST_FILE = "manifest.json"
+CHECKED_FILE = ".checked.json"  # the weights' stat when they last hashed right (`checked_folder`)
 STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TEMPLATE_FILE)
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -160,6 +161,7 @@ class AdapterStore:
             if not self._stored(key):  # not a concurrent writer of the same content: a real failure
                 raise
         _fsync(target.parent)
+        self._remember(target, stored.weights_sha256)  # hashed just now, by describe()
         failpoint("store.after-rename")
         return stored
 
@@ -172,15 +174,51 @@ class AdapterStore:
 
     def verified_folder(self, key: str, weights_sha256: str) -> Path:
         """The object's folder, after checking its weights still hash to what was registered."""
+        return self.checked_folder(key, weights_sha256)[0]
+
+    def checked_folder(self, key: str, weights_sha256: str) -> tuple[Path, bool]:
+        """(the object's folder, whether its weights are untouched since they last hashed to what was
+        registered). Untouched (same size, mtime, inode and device as recorded then) skips the hash:
+        the store writes an object once and never changes it, so a file with the same stat is the
+        file that was checked; any rewrite, truncation or copy over it changes the stat and is
+        hashed again."""
         folder = self.path(key)
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
             raise AdapterUnavailable(f"its stored weights (object {key[:12]}) are missing from the adapter store")
+        if self._unchanged(folder, weights_sha256):
+            return folder, True
+        before = self._signature(weights)
         actual = file_sha256(weights)
         if actual != weights_sha256:
             raise AdapterUnavailable(f"its stored weights (object {key[:12]}) are corrupt: they hash to {actual[:12]}, "
                                      f"registered {weights_sha256[:12]}")
-        return folder
+        self._remember(folder, weights_sha256, before)
+        return folder, False
+
+    @staticmethod
+    def _signature(weights: Path) -> list[int]:
+        st = weights.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+    def _unchanged(self, folder: Path, weights_sha256: str) -> bool:
+        try:
+            seen = json.loads((folder / CHECKED_FILE).read_text())
+            return seen == {"sha256": weights_sha256, "stat": self._signature(folder / WEIGHTS_FILE)}
+        except (OSError, ValueError):
+            return False
+
+    def _remember(self, folder: Path, weights_sha256: str, before: list[int] | None = None) -> None:
+        """Record the stat of weights that hash right, unless they changed while hashed (`before`);
+        best effort (a read-only store hashes every time)."""
+        try:
+            if before is not None and self._signature(folder / WEIGHTS_FILE) != before:
+                return
+            tmp = folder / (CHECKED_FILE + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"sha256": weights_sha256, "stat": self._signature(folder / WEIGHTS_FILE)}))
+            os.replace(tmp, folder / CHECKED_FILE)
+        except OSError:
+            pass
 
     def keys(self) -> list[str]:
         return [p.name for p in self.objects.glob("*/*") if p.is_dir()]
@@ -237,13 +275,13 @@ class MirroredStore(AdapterStore):
     def exists(self, key: str) -> bool:
         return super().exists(key) or self._remote_exists(key)
 
-    def verified_folder(self, key: str, weights_sha256: str) -> Path:
+    def checked_folder(self, key: str, weights_sha256: str) -> tuple[Path, bool]:
         try:
-            return super().verified_folder(key, weights_sha256)
+            return super().checked_folder(key, weights_sha256)
         except AdapterUnavailable:
             if not self._fetch(key):
                 raise
-        return super().verified_folder(key, weights_sha256)
+        return super().checked_folder(key, weights_sha256)
 
     def _fetch(self, key: str) -> bool:
         """Copy the shared object into the local store; False when the shared store lacks it."""

@@ -100,6 +100,27 @@ def test_store_is_content_addressed_and_checked_on_load(make_catalog, tiny_dirs,
     cat.load(a)
 
 
+def test_stored_weights_untouched_since_their_check_are_not_hashed_again(make_catalog, tiny_dirs, monkeypatch):
+    import hotpeft.adapters.store as store_mod
+
+    cat = make_catalog()
+    a = cat.register_dir("a", tiny_dirs["adapters"] / "lora-attn", source="import")
+    hashed = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert cat.store.checked_folder(a.store_key, a.sha256)[1] is True  # hashed when stored, untouched since
+    assert hashed == []
+    weights = cat.store.path(a.store_key) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the same bytes, written again: its stat changed
+    assert cat.store.checked_folder(a.store_key, a.sha256)[1] is False and hashed == [weights.name]
+    assert cat.store.checked_folder(a.store_key, a.sha256)[1] is True and hashed == [weights.name]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterUnavailable, match="corrupt"):
+        cat.store.checked_folder(a.store_key, a.sha256)
+
+
 def test_a_store_url_shares_objects_between_local_stores(spec, tiny_dirs, tmp_path):
     """Two processes with their own local stores and one registry: what one registers, the other
     fetches from the shared URL, checks, and serves; damage to the shared copy is caught."""

@@ -101,20 +101,22 @@ class LoraGroup:
         return out + delta.to(out.dtype)
 
     # ---- loading --------------------------------------------------------------------------------
-    def weights_for(self, modules: dict[str, LoraModule], dtype: torch.dtype, device: torch.device):
-        """This group's (A, Bt) of one adapter, or None when it targets no member. Scale folded into Bt."""
-        present = [(name, modules[name]) for name, _ in self.members if name in modules]
-        if not present:
-            return None
-        r = sum(m.rank for _, m in present)
-        A = torch.cat([m.A.to(device=device, dtype=torch.float32) for _, m in present])
-        Bt = torch.zeros(r, self.out_features, dtype=torch.float32, device=device)
+    def _write(self, slot: int, present: list[tuple[str, LoraModule]]) -> None:
+        """Write one adapter's members into `slot`: A rank-concatenated, Bt block-diagonal with the
+        scale folded in (in float32, then cast, as a merged weight would be); the rest zero."""
+        A, Bt = self.A[slot], self.Bt[slot]
         row = 0
+        Bt.zero_()
         for name, m in present:
             o0, o1 = self.offsets[name]
-            Bt[row:row + m.rank, o0:o1] = (m.B.to(device=device, dtype=torch.float32) * m.scale).T
+            A[row:row + m.rank].copy_(m.A)
+            block = Bt[row:row + m.rank, o0:o1]
+            if Bt.dtype == torch.float32:
+                block.copy_(m.B.T).mul_(m.scale)
+            else:
+                block.copy_((m.B.float() * m.scale).T)
             row += m.rank
-        return A.to(dtype), Bt.to(dtype)
+        A[row:].zero_()  # zero-padded ranks add exact zeros
 
     def _resize(self, n_slots: int, rank: int) -> None:
         """Reallocate the stacks at exactly (n_slots, rank), keeping what fits (slots above n_slots
@@ -127,19 +129,21 @@ class LoraGroup:
         B_new[:keep_n, :keep_r] = self.Bt[:keep_n, :keep_r]
         self.A, self.Bt = A_new, B_new
 
-    def put(self, aid: int, A: torch.Tensor, Bt: torch.Tensor, ahead: bool = False) -> None:
-        """Write one adapter into the lowest free slot, growing the stacks if they must."""
-        r = A.shape[0]
+    def put(self, aid: int, modules: dict[str, LoraModule], ahead: bool = False) -> bool:
+        """Write one adapter into the lowest free slot, growing the stacks if they must. False (and
+        nothing written) when it targets no member of this group."""
+        present = [(name, modules[name]) for name, _ in self.members if name in modules]
+        if not present:
+            return False
+        r = sum(m.rank for _, m in present)
         slot = self.free_slot()
         n_slots, r_max = self.target_slots(slot + 1, ahead), max(self.A.shape[1], r)
         if (n_slots, r_max) != tuple(self.A.shape[:2]):
             self._resize(n_slots, r_max)
-        self.A[slot].zero_()
-        self.Bt[slot].zero_()
-        self.A[slot, :r] = A  # zero-padded ranks add exact zeros
-        self.Bt[slot, :r] = Bt
+        self._write(slot, present)
         self.slot_of[aid] = slot
         self.rank_of[aid] = r
+        return True
 
     def drop(self, aid: int) -> None:
         """Free an adapter's slot; shrink the stacks when it held the largest rank, or when no more
@@ -218,17 +222,19 @@ class LoraBank:
         missing = sorted(set(modules) - set(self.group_of))
         if missing:  # validated on registration; checked again before any write
             raise ValueError(f"no targetable layer {missing[0]!r} in the base model")
-        # Convert everything first, then write: a failure leaves the bank as it was.
-        parts = {}
-        for gkey, group in self.groups.items():
-            w = group.weights_for(modules, self.dtype, self.device)
-            if w is not None:
-                parts[gkey] = w
         aid = self._next_id
         self._next_id += 1
         _, ahead = self._with(modules)
-        for gkey, (A, Bt) in parts.items():
-            self.groups[gkey].put(aid, A, Bt, ahead)
+        parts = []
+        try:  # written group by group; a failure takes back what was written: the bank is as it was
+            for gkey, group in self.groups.items():
+                if group.put(aid, modules, ahead):
+                    parts.append(gkey)
+        except BaseException:
+            for gkey in parts:
+                self.groups[gkey].drop(aid)
+            self._relayout()
+            raise
         self.adapters[key] = (aid, set(parts))
         self._relayout()
         return True
