@@ -53,6 +53,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--home", default=os.environ.get("HOTPEFT_HOME", "~/.hotpeft"), help="hotpeft home (model cache)")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "on"], help="the server's --compile")
     p.add_argument("--clients", type=int, default=16, help="concurrent streams in (b), (c), (d) and (a)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds per scenario ((e) gets half)")
     p.add_argument("--rounds", type=int, default=3, help="(b), (c), (d) run interleaved in this many rounds")

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     )
     prefix_cache: bool = Field(True, description="reuse the KV of prompt prefixes computed by the same weights "
                                                  "(--no-prefix-cache turns it off)")
+    compile: Literal["auto", "off", "on"] = Field(
+        "auto", description="decode steps at fixed shapes: on = CUDA graphs on a GPU (torch.compile on the CPU); auto "
+                            "= CUDA graphs on a GPU, off on the CPU (where compiling took minutes and did not pay)")
     max_batch_tokens: int = Field(256, ge=16, le=65536, description="tokens per forward pass: decode rows + prefill chunk")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429 with Retry-After")
     threads: int | None = Field(

@@ -82,9 +82,20 @@ def make_engine(settings: Settings, base: LoadedBase) -> BatchEngine:
         raise ModelUnavailable(str(e)) from e
     limits = EngineLimits(max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
                           max_resident_adapter_bytes=settings.max_resident_adapter_bytes, threads=threads,
-                          max_num_seqs=settings.max_num_seqs)
+                          max_num_seqs=settings.max_num_seqs, graphs=graphs_mode(settings, device))
     bank = LoraBank(base.arch, dtype, device)
     return BatchEngine(base.model, base.arch, base.tokenizer, bank, kv, eos_ids(base), limits, base.max_model_len)
+
+
+def graphs_mode(settings: Settings, device: torch.device) -> str | None:
+    """--compile: CUDA graphs on a GPU (on and auto); torch.compile on the CPU only when asked (on),
+    with torch's compilation cache in the home so that a restart reuses it."""
+    if settings.compile == "off" or (settings.compile == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        return "cuda-graphs"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.home / "cache" / "torch-compile"))
+    return "compile"
 
 
 async def load_and_pin(rt: Runtime, version, pin: bool = False) -> bool:

@@ -23,6 +23,8 @@ def test_help_lists_subcommands_and_every_serve_flag():
 def test_bad_flag_value_names_the_flag():
     r = hotpeft("serve", "--quantize", "fp3")
     assert r.returncode == 2 and "--quantize" in r.stderr and "'none'" in r.stderr
+    r = hotpeft("serve", "--compile", "fast")
+    assert r.returncode == 2 and "--compile" in r.stderr and all(f"'{v}'" in r.stderr for v in ("auto", "off", "on"))
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):

@@ -108,3 +108,36 @@ def test_quantized_bases_serve_every_kind_and_a_lora_equals_peft(tiny_dirs, tmp_
         assert outs[ADAPTERS.index("lora-mlp")][:4] == tiny.greedy_reference(model, prompts[0], 4)
     finally:
         rt.engine.stop()
+
+
+def test_cuda_graphs_give_the_eager_tokens(tiny_dirs, tmp_path, prompts):
+    """--compile on (decode steps replayed from CUDA graphs) against --compile off, mixed adapters, bf16."""
+    outs = {}
+    for mode in ("off", "on"):
+        rt = runtime(tiny_dirs, tmp_path / mode, "bfloat16", compile=mode)
+        try:
+            outs[mode] = gather(rt, [make_request(rt, a, p, 24) for a, p in zip(ADAPTERS, prompts)])
+            graphs = rt.engine.runner.graphs
+            if mode == "on" and graphs is None:
+                pytest.skip(f"no CUDA graphs here: the attention kernel is {rt.engine.runner.step_fn.attention.name}")
+            if mode == "on":
+                assert graphs.captures > 0
+        finally:
+            rt.engine.stop()
+    assert outs["on"] == outs["off"]
+
+
+def test_fixed_shape_decode_equals_peft_in_float32(tiny_dirs, tmp_path, prompts):
+    """The code the graphs capture, run eagerly on the GPU in float32: PEFT's tokens exactly."""
+    rt = runtime(tiny_dirs, tmp_path, "float32")
+    base = rt.base
+    kv = PagedKVCache(base.arch, 64, 16, torch.float32, CUDA)
+    rt.engine.stop()
+    rt.engine = BatchEngine(base.model, base.arch, base.tokenizer, LoraBank(base.arch, torch.float32, CUDA), kv,
+                            eos_ids(base), EngineLimits(max_batch_tokens=16, graphs="static"), base.max_model_len)
+    rt.engine.start()
+    try:
+        got = gather(rt, [make_request(rt, a, p, 16) for a, p in zip(ADAPTERS, prompts)])
+        assert got == [reference(tiny_dirs, a, p, 16, torch.float32) for a, p in zip(ADAPTERS, prompts)]
+    finally:
+        rt.engine.stop()

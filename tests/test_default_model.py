@@ -205,3 +205,5 @@ def test_gpu_check_script_runs_its_cpu_smoke(source, model_home, tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     assert bench["settings"]["model"] == "synthetic:smollm2-135m" and bench["scenarios"]["a"] is None
     assert bench["scenarios"]["b"]["output_tokens"] > 0
+    eager = json.loads((out / "bench-eager.json").read_text())
+    assert eager["settings"]["compile"] == "off" and eager["scenarios"]["b"]["output_tokens"] > 0

@@ -203,12 +203,17 @@ def test_a_request_larger_than_the_kv_pool_is_a_400_naming_both_numbers(tmp_path
         assert "hotpeft_kv_cache_blocks 127.0" in metrics and "hotpeft_preemptions_total 0.0" in metrics
 
 
-def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts, monkeypatch):
+@pytest.mark.parametrize("graphs", [None, "static"])
+def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts, monkeypatch, graphs):
     """Mixed rows (LoRAs, a soft prompt, prefill chunks and decode, greedy and sampled): the step's
-    only device -> host read is the sampled tokens' one `tolist()`."""
-    rt = with_pool(tiny_dirs, tmp_path_factory, n_blocks=64)
+    only device -> host read is the sampled tokens' one `tolist()`; also when decode steps run at
+    fixed shapes (the code CUDA graphs capture)."""
+    rt = with_pool(tiny_dirs, tmp_path_factory, n_blocks=64, graphs=graphs)
     rt.engine.stop()  # steps are driven by hand below, on this thread
-    engine, reads = rt.engine, []
+    engine, reads, fixed = rt.engine, [], []
+    if graphs:
+        real = engine.runner.graphs._forward
+        monkeypatch.setattr(engine.runner.graphs, "_forward", lambda ints: fixed.append(1) or real(ints))
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
 
@@ -222,7 +227,7 @@ def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts,
             request = make_request(rt, a, p, 8, **({"temperature": 0.8, "seed": 1} if i % 2 else {}))
             assert engine._admit(request, _Sink())
         per_step = []
-        for _ in range(10):
+        for _ in range(12):
             reads.clear()
             takes = engine._reserve()
             engine.runner.run(list(engine._running), takes)
@@ -230,6 +235,7 @@ def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts,
     # Steps where no row finished its prompt sample nothing and read nothing back.
     assert all(r in ([], ["tolist"]) for r in per_step), per_step
     assert per_step[-1] == ["tolist"] and per_step[0] == []
+    assert bool(fixed) == bool(graphs)  # with graphs, the decode-only steps ran at fixed shapes
 
 
 class _Sink:

@@ -44,6 +44,7 @@ def _ints(values: list[int], device: torch.device) -> torch.Tensor:
 
 class GatheredSDPA:
     name = "sdpa-gathered"
+    reads_tables = False  # its cost follows the padded width, not the rows' lengths
 
     def prepare(self, s: StepShape) -> dict:
         device, bs = s.takes_t.device, s.block_size
@@ -110,6 +111,7 @@ class PagedVarlen:
         from torch.nn.attention.varlen import varlen_attn  # CUDA builds only use it
 
         self.varlen, self.paged = varlen_attn, paged
+        self.reads_tables = paged
         self.name = "flash-varlen-paged" if paged else "flash-varlen-packed"
 
     def prepare(self, s: StepShape) -> dict:

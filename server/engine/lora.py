@@ -183,6 +183,7 @@ class LoraBank:
         self._next_id = 1  # ids are never reused; 0 means "no LoRA"
         self.layouts: list[Layout] = []
         self.budget: int | None = None  # the residency budget: stacks grow ahead only within it
+        self.generation = 0  # bumped whenever the stacks or their layout change (captured graphs read them)
 
     def group(self, layer: int, name: str) -> LoraGroup | None:
         return self.groups.get((layer, name))
@@ -251,6 +252,7 @@ class LoraBank:
         return True
 
     def _relayout(self) -> None:
+        self.generation += 1
         layouts: dict[tuple, Layout] = {}
         for group in self.groups.values():
             if not group.slot_of:
@@ -271,6 +273,15 @@ class LoraBank:
         token's adapter id on the device."""
         for layout in self.layouts:
             layout.plan = plan_layout(layout, row_ids, takes, token_ids, self.width, self.dtype)
+
+    def plan_static(self, token_ids: torch.Tensor) -> None:
+        """A plan whose shape depends on nothing but the number of tokens (for captured steps): every
+        layout's slots as one span, each token's own slot kept by a mask built on the device."""
+        for layout in self.layouts:
+            n_slots = 1 + max(slot for _, slot in layout.entries)
+            owner = torch.arange(n_slots, device=token_ids.device).repeat_interleave(layout.rank)
+            mask = (layout.table[token_ids].unsqueeze(1) == owner.unsqueeze(0)).to(self.dtype)
+            layout.plan = StepPlan(0, n_slots, mask=mask)
 
     def clear_plan(self) -> None:
         for layout in self.layouts:

@@ -20,6 +20,7 @@ from hotpeft.server.engine.attention import StepShape
 from hotpeft.server.engine.blocks import chain_hashes
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import DecoderStep, StepInput
+from hotpeft.server.engine.graphs import DecodeGraphs
 from hotpeft.server.engine.interface import EngineFailure, EventSink, GenerationRequest, OutOfMemory, TokenEvent
 from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
@@ -55,8 +56,17 @@ class Sequence:
 
 class StepRunner:
     def __init__(self, model: torch.nn.Module, arch: Architecture, kv: PagedKVCache, bank: LoraBank, tokenizer,
-                 eos_ids: set[int], max_batch_tokens: int, max_model_len: int):
+                 eos_ids: set[int], max_batch_tokens: int, max_model_len: int, graphs: str | None = None,
+                 max_rows: int = 32):
         self.step_fn = DecoderStep(model, arch, kv, bank, max_model_len)
+        self.graphs = None
+        if graphs == "cuda-graphs" and not self.step_fn.attention.reads_tables:
+            log.warning("decode steps are not captured as CUDA graphs: the attention kernel here (%s) does not read "
+                        "block tables, and a captured step would read every row to --max-model-len",
+                        self.step_fn.attention.name)
+        elif graphs:
+            self.graphs = DecodeGraphs(self.step_fn, bank, kv.block_size, max_model_len, max_rows,
+                                       model.get_input_embeddings().weight.device, graphs)
         self.kv, self.bank, self.tokenizer, self.eos_ids = kv, bank, tokenizer, eos_ids
         self.max_batch_tokens = max_batch_tokens
         self.embed = model.get_input_embeddings()
@@ -182,8 +192,14 @@ class StepRunner:
         """One forward pass for every row; advances the rows and returns the events to send.
         Raises when the step failed (no row has moved then)."""
         try:
-            step, sampled = self.build(rows, takes)
-            logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
+            b = self.graphs.bucket(rows) if self.graphs is not None else None
+            if b is not None:  # a decode-only step at a fixed shape
+                ints = self.graphs.inputs([s.last_token for s in rows], [s.kv_len + 1 for s in rows],
+                                          [s.adapter_id for s in rows], [s.blocks for s in rows], b)
+                logits, sampled = self.graphs.run(ints, b)[:len(rows)], rows
+            else:
+                step, sampled = self.build(rows, takes)
+                logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
             tokens = []
             if sampled:
                 tokens = sample(logits, [s.request.params.temperature for s in sampled],

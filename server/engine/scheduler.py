@@ -56,6 +56,7 @@ class EngineLimits:
     threads: int | None = None  # torch intra-op threads of the engine thread (None: leave as is)
     max_num_seqs: int = 32  # sequences running at once
     watermark: float = 0.01  # share of the KV blocks kept free when admitting beside running rows
+    graphs: str | None = None  # decode steps at fixed shapes: "cuda-graphs", "compile", "static" (`graphs.py`)
 
 
 class BatchEngine(Engine):
@@ -65,7 +66,7 @@ class BatchEngine(Engine):
         self.limits = limits
         self.tier = DeviceTier(bank, limits.max_resident_adapter_bytes)
         self.runner = StepRunner(model, arch, kv, bank, tokenizer, eos_ids, limits.max_batch_tokens,
-                                 max_model_len or kv.capacity_tokens)
+                                 max_model_len or kv.capacity_tokens, limits.graphs, limits.max_num_seqs)
         self._watermark = max(1, int(kv.pool.usable * limits.watermark))
         self._preempted: deque[Sequence] = deque()  # rows put back, resumed before any new request
         self._preemptions = 0

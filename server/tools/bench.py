@@ -140,11 +140,11 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"machine": machine(), "settings": {
         "model": source.model_id, "quantize": args.quantize, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "clients": n, "duration_s": args.duration, "rounds": args.rounds,
-        "max_tokens": args.max_tokens,
+        "max_tokens": args.max_tokens, "compile": args.compile,
     }, "scenarios": {}}
     sc = result["scenarios"]
     serve_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype, "--device", args.device,
-                  "--adapters-dir", str(work / "adapters"), "--max-num-seqs", str(max(n, 1)), "--log-level", "warning",
+                  "--compile", args.compile, "--adapters-dir", str(work / "adapters"), "--max-num-seqs", str(max(n, 1)), "--log-level", "warning",
                   # its own registry and store: the bench's synthetic adapters never enter the user's catalogue
                   "--registry-url", f"sqlite:///{work / 'registry.db'}", "--store-dir", str(work / "store")]
     print(f"starting the server ({source.model_id}, quantize={args.quantize}) ...", flush=True)

@@ -51,14 +51,14 @@ def run(args: argparse.Namespace, popularities: list[str], loops: list[float]) -
     work = Path(tempfile.mkdtemp(prefix="hotpeft-workload-"))
     names = register_adapters(work, source, arch, args.adapters, args.rank)
     serve_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype, "--device", args.device,
-                  "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning",
+                  "--max-num-seqs", str(args.max_num_seqs), "--compile", args.compile, "--log-level", "warning",
                   "--registry-url", f"sqlite:///{work / 'registry.db'}", "--store-dir", str(work / "store")]
     if args.kv_cache_mib:
         serve_args += ["--kv-cache-mib", str(args.kv_cache_mib)]
     result: dict = {"machine": machine(), "settings": {
         k: getattr(args, k) for k in ("model", "quantize", "dtype", "adapters", "rank", "requests", "rate", "cv",
                                       "clients", "zipf_alpha", "prompt_len", "output_len", "slo_ttft_ms",
-                                      "slo_itl_ms", "kv_cache_mib", "max_num_seqs", "seed")}, "runs": []}
+                                      "slo_itl_ms", "kv_cache_mib", "max_num_seqs", "compile", "seed")}, "runs": []}
     print(f"starting the server ({source.model_id}, {len(names)} adapters) ...", flush=True)
     with LocalServer(serve_args, work / "server.log", env={"HOTPEFT_HOME": str(home)}, start_timeout=900) as server:
         for popularity in popularities:
