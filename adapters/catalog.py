@@ -300,11 +300,10 @@ class AdapterCatalog:
 
         def read() -> ParsedAdapter:
             try:
-                folder, untouched = self.store.checked_folder(record.store_key, record.sha256)
-                # Checked completely at registration; read again with the same checks (this server's limits),
-                # the values' scan only when the bytes are not known to be the registered ones.
+                folder, _ = self.store.checked_folder(record.store_key, record.sha256)
+                # Checked completely at registration; read again with the same checks (this server's limits).
                 return load_adapter_dir(folder, self.base, max_lora_rank=self.max_lora_rank, allow_foreign_base=True,
-                                        label=record.key, check_values=not untouched)
+                                        label=record.key)
             except (AdapterUnavailable, AdapterInvalid, UnsafePath, OSError) as e:
                 # Registered whole, so whatever is wrong now is wrong with the storage, not the request.
                 raise AdapterUnavailable(

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from hotpeft.adapters.paths import UnsafePath, inside
 TEMPLATE_FILE = "chat_template.jinja"
 MANIFEST_FILE = "manifest.json"
 CHECKED_FILE = ".checked.json"  # the weights' stat when they last hashed right (`checked_folder`)
+RACY_S = 2.0  # a stat younger than this is not recorded as checked (see `checked_folder`)
 STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TEMPLATE_FILE)
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -157,11 +159,14 @@ class AdapterStore:
         target.parent.mkdir(exist_ok=True)
         try:
             os.rename(staged, target)
+            renamed = True
         except OSError:
             if not self._stored(key):  # not a concurrent writer of the same content: a real failure
                 raise
+            renamed = False
         _fsync(target.parent)
-        self._remember(target, stored.weights_sha256)  # hashed just now, by describe()
+        if renamed:  # its bytes hashed by describe() while the folder was ours alone: a stat of our own write
+            self._remember(target, stored.weights_sha256, private=True)
         failpoint("store.after-rename")
         return stored
 
@@ -178,10 +183,13 @@ class AdapterStore:
 
     def checked_folder(self, key: str, weights_sha256: str) -> tuple[Path, bool]:
         """(the object's folder, whether its weights are untouched since they last hashed to what was
-        registered). Untouched (same size, mtime, inode and device as recorded then) skips the hash:
-        the store writes an object once and never changes it, so a file with the same stat is the
-        file that was checked; any rewrite, truncation or copy over it changes the stat and is
-        hashed again."""
+        registered). Untouched (same size, mtime, ctime, inode and device as recorded then) skips the
+        hash: the store writes an object once and never changes it, so a file with the same stat is
+        the file that was checked; any rewrite, truncation or copy over it changes the stat (ctime
+        even when mtime is put back) and is hashed again. As in git's index, a stat younger than
+        `RACY_S` when recorded is not trusted: a rewrite within the file system's timestamp tick
+        could leave it unchanged. Bit rot that changes no stat is not caught (the values' NaN/Inf
+        scan still runs on every read)."""
         folder = self.path(key)
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
@@ -199,7 +207,7 @@ class AdapterStore:
     @staticmethod
     def _signature(weights: Path) -> list[int]:
         st = weights.stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
     def _unchanged(self, folder: Path, weights_sha256: str) -> bool:
         try:
@@ -208,14 +216,19 @@ class AdapterStore:
         except (OSError, ValueError):
             return False
 
-    def _remember(self, folder: Path, weights_sha256: str, before: list[int] | None = None) -> None:
-        """Record the stat of weights that hash right, unless they changed while hashed (`before`);
-        best effort (a read-only store hashes every time)."""
+    def _remember(self, folder: Path, weights_sha256: str, before: list[int] | None = None,
+                  private: bool = False) -> None:
+        """Record the stat of weights that hash right, unless they changed while hashed (`before`) or
+        the stat is racy (too young, unless the file was `private` to this writer until now); best
+        effort (a read-only store hashes every time)."""
         try:
-            if before is not None and self._signature(folder / WEIGHTS_FILE) != before:
+            now = self._signature(folder / WEIGHTS_FILE)
+            if before is not None and now != before:
                 return
-            tmp = folder / (CHECKED_FILE + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"sha256": weights_sha256, "stat": self._signature(folder / WEIGHTS_FILE)}))
+            if not private and time.time_ns() - max(now[1], now[2]) < RACY_S * 1e9:
+                return
+            tmp = folder / (CHECKED_FILE + f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"sha256": weights_sha256, "stat": now}))
             os.replace(tmp, folder / CHECKED_FILE)
         except OSError:
             pass

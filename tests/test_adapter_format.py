@@ -138,14 +138,25 @@ def test_rank_above_limit_names_the_flag(tiny_dirs, spec):
         load_adapter_dir(tiny_dirs["adapters"] / "lora-mlp", spec, max_lora_rank=8)
 
 
-def test_nan_weights_are_refused(copy, spec):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_weights_are_refused(copy, spec, value):
     folder = copy("soft")
     f = folder / "adapter_model.safetensors"
     t = load_file(f)
-    t["prompt_embeddings"][0, 0] = float("nan")
+    t["prompt_embeddings"][0, 0] = value
     save_file(t, f)
     with pytest.raises(AdapterInvalid, match="'prompt_embeddings' contains NaN or Inf"):
         load_adapter_dir(folder, spec, max_lora_rank=64)
+
+
+def test_huge_finite_weights_are_not_mistaken_for_inf(copy, spec):
+    """The fast scan sums each tensor; a sum that overflows must not refuse finite weights."""
+    folder = copy("soft")
+    f = folder / "adapter_model.safetensors"
+    t = load_file(f)
+    t["prompt_embeddings"][:2] = 3e38
+    save_file(t, f)
+    assert load_adapter_dir(folder, spec, max_lora_rank=64).soft_prompt.max() == 3e38
 
 
 def test_foreign_base_is_incompatible_unless_allowed(copy, spec):

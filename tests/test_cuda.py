@@ -111,17 +111,19 @@ def test_quantized_bases_serve_every_kind_and_a_lora_equals_peft(tiny_dirs, tmp_
 
 
 def test_cuda_graphs_give_the_eager_tokens(tiny_dirs, tmp_path, prompts):
-    """--compile on (decode steps replayed from CUDA graphs) against --compile off, mixed adapters, bf16."""
+    """--compile on (decode steps replayed from CUDA graphs) against --compile off, mixed adapters,
+    bfloat16: the first tokens (the two paths split the attention's reduction differently, so long
+    greedy runs may part on near-ties)."""
     outs = {}
     for mode in ("off", "on"):
         rt = runtime(tiny_dirs, tmp_path / mode, "bfloat16", compile=mode)
         try:
-            outs[mode] = gather(rt, [make_request(rt, a, p, 24) for a, p in zip(ADAPTERS, prompts)])
-            graphs = rt.engine.runner.graphs
-            if mode == "on" and graphs is None:
-                pytest.skip(f"no CUDA graphs here: the attention kernel is {rt.engine.runner.step_fn.attention.name}")
+            outs[mode] = gather(rt, [make_request(rt, a, p, 6) for a, p in zip(ADAPTERS, prompts)])
             if mode == "on":
-                assert graphs.captures > 0
+                graphs = rt.engine.runner.graphs
+                attention = rt.engine.runner.step_fn.attention.name
+                assert graphs is not None, f"no CUDA graphs: the attention kernel here is {attention}"
+                assert graphs.mode == "cuda-graphs" and graphs.captures > 0, "capturing failed (see the log)"
         finally:
             rt.engine.stop()
     assert outs["on"] == outs["off"]

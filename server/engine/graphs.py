@@ -61,7 +61,7 @@ class DecodeGraphs:
 
     def bucket(self, rows: list) -> int | None:
         """The bucket of a step of these rows; None when it is not decode-only or a row outgrows the width."""
-        if not all(s.decoding and s.kv_len < self.width * self.bs for s in rows):
+        if self.mode == "eager" or not all(s.decoding and s.kv_len < self.width * self.bs for s in rows):
             return None
         i = bisect.bisect_left(self.buckets, len(rows))
         return self.buckets[i] if i < len(self.buckets) else None
@@ -95,17 +95,48 @@ class DecodeGraphs:
     def run(self, ints: list[int], b: int) -> torch.Tensor:
         """Logits (b, V) of one decode step of bucket b."""
         host = torch.tensor(ints, dtype=torch.long)
+        if self.mode == "compile" and b not in self._graphs:  # compiled at its first step: say how long it took
+            t0 = time.perf_counter()
+            logits = self.compiled(host.to(self.device))
+            self._graphs[b] = ()
+            log.info("decode step for %d rows compiled in %.1f s (torch.compile; cached for restarts)", b,
+                     time.perf_counter() - t0)
+            return logits
         if self.mode != "cuda-graphs":
             return (self.compiled or self._forward)(host.to(self.device))
         if self._layout != self.bank.generation:
             self._graphs.clear()  # the stacks or their layout changed: every graph read the old ones
             self._layout = self.bank.generation
         if b not in self._graphs:
-            self._graphs[b] = self._capture(b, host)
+            try:
+                self._graphs[b] = self._capture(b, host)
+            except Exception as e:  # noqa: BLE001 - this step and the next ones run eagerly
+                log.warning("CUDA graphs off: capturing the decode step for %d rows failed (%s: %s); decoding "
+                            "eagerly", b, type(e).__name__, e)
+                torch.cuda.synchronize(self.device)
+                self._graphs.clear()
+                self.mode = "eager"
+                return self._forward(host.to(self.device))
         graph, buffer, logits = self._graphs[b]
         buffer.copy_(host.pin_memory(), non_blocking=True)
         graph.replay()
         return logits
+
+    def capture_all(self) -> None:
+        """Capture every bucket's step now (rows all padding); a failure turns the graphs off, said in the log."""
+        t0 = time.perf_counter()
+        try:
+            self._layout = self.bank.generation
+            for b in self.buckets:
+                self._graphs[b] = self._capture(b, torch.tensor(self.inputs([], [], [], [], b), dtype=torch.long))
+        except Exception as e:  # noqa: BLE001 - serving goes on, eagerly
+            log.warning("CUDA graphs off: capturing the decode step failed (%s: %s); decoding eagerly",
+                        type(e).__name__, e)
+            self._graphs.clear()
+            self.mode = "eager"
+            return
+        log.info("decode steps captured as CUDA graphs for %s rows in %.1f s", ", ".join(map(str, self.buckets)),
+                 time.perf_counter() - t0)
 
     def _capture(self, b: int, example: torch.Tensor) -> tuple:
         t0 = time.perf_counter()
@@ -121,5 +152,5 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._forward(buffer)
         self.captures += 1
-        log.info("decode graph for %d rows captured in %.0f ms", b, (time.perf_counter() - t0) * 1000)
+        log.debug("decode graph for %d rows captured in %.0f ms", b, (time.perf_counter() - t0) * 1000)
         return graph, buffer, logits

@@ -3,8 +3,10 @@
 Per layer K and V are (n_blocks * block_size, n_kv_heads, head_dim): position p of a sequence
 lives at row `blocks[p // block_size] * block_size + p % block_size`. A sequence holds only the
 blocks its tokens fill (`blocks.py` hands them out and takes them back); nothing is reserved for
-`--max-model-len` and nothing is copied when sequences end. Block 0 is zero and never handed out:
-reads past a sequence's length point there, so attention never meets never-written memory.
+`--max-model-len` and nothing is copied when sequences end. Block 0 is never handed out: reads
+past a sequence's length point there, so attention never meets never-written memory (it starts
+zero; the padded rows of fixed-shape decode steps, `graphs.py`, write finite K/V into its first
+row, which is only ever read under a mask).
 """
 from __future__ import annotations
 

@@ -138,9 +138,17 @@ class LoraGroup:
         r = sum(m.rank for _, m in present)
         slot = self.free_slot()
         n_slots, r_max = self.target_slots(slot + 1, ahead), max(self.A.shape[1], r)
-        if (n_slots, r_max) != tuple(self.A.shape[:2]):
-            self._resize(n_slots, r_max)
-        self._write(slot, present)
+        before = self.A, self.Bt
+        try:
+            if (n_slots, r_max) != tuple(self.A.shape[:2]):
+                self._resize(n_slots, r_max)
+            self._write(slot, present)
+        except BaseException:  # the group as it was: its old stacks, or the free slot zero again
+            if self.A is before[0]:
+                self.A[slot].zero_()
+                self.Bt[slot].zero_()
+            self.A, self.Bt = before
+            raise
         self.slot_of[aid] = slot
         self.rank_of[aid] = r
         return True

@@ -182,6 +182,9 @@ class BatchEngine(Engine):
             # count per thread).
             torch.set_num_threads(self.limits.threads)
         log.info("engine thread started: %d torch threads", torch.get_num_threads())
+        graphs = self.runner.graphs
+        if graphs is not None and graphs.mode == "cuda-graphs":
+            graphs.capture_all()  # before any request: the capture time is in the start-up log
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or self._running or self._preempted or self._cancelled
