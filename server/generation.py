@@ -98,7 +98,25 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
             param=param if req.token_limit is not None else prompt_param, code="too_many_tokens")
     if pool and used + max_tokens > pool:
         max_tokens = pool - used  # no max_tokens given: as far as the KV cache goes
-    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos)
+    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos,
+                          **_processors(rt, req, max_tokens, param))
+
+
+def _processors(rt: Runtime, req, max_tokens: int, max_param: str) -> dict:
+    """The logits processors' parameters; token ids checked against the model's vocabulary."""
+    vocab = rt.base.arch.vocab_size
+    bias = tuple((int(t), float(b)) for t, b in (req.logit_bias or {}).items())
+    for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", req.stop_token_ids or [])):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise InvalidRequest(f"{param}: token id {bad[0]} is outside this model's vocabulary of {vocab} ids "
+                                 f"(0 to {vocab - 1})", param=param, code="invalid_value")
+    if req.min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({req.min_tokens}) is more than {max_param} ({max_tokens})",
+                             param="min_tokens", code="invalid_value")
+    return {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+            "repetition_penalty": req.repetition_penalty, "logit_bias": bias, "min_tokens": req.min_tokens,
+            "stop_token_ids": tuple(req.stop_token_ids or ())}
 
 
 def _virtual_tokens(adapter: AdapterVersion | None) -> int:

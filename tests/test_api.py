@@ -92,6 +92,17 @@ def test_seed_gives_the_same_sample(client):
     assert a == b and a != c
 
 
+def test_logit_bias_and_penalties_through_the_client(client, tok):
+    """OpenAI's logit_bias forces a token; a penalty changes nothing else about the response."""
+    forced = client.completions.create(model="lora-attn", prompt="hello", max_tokens=4, temperature=0,
+                                       logit_bias={"65": 100})
+    assert forced.choices[0].text == tok.decode([65] * 4) and forced.usage.completion_tokens == 4
+    chat = client.chat.completions.create(model="soft", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          temperature=0, presence_penalty=-2.0, frequency_penalty=1.0,
+                                          extra_body={"repetition_penalty": 1.2, "min_tokens": 2})
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens >= 2
+
+
 def test_stop_strings_end_the_text(client):
     full = client.completions.create(model="base", prompt="Once upon a time", max_tokens=30, temperature=0).choices[0].text
     stop = full[5:7]
@@ -139,6 +150,14 @@ BAD_INPUTS = [
     ({**GOOD, "logprobs": True}, "logprobs", "'logprobs' is not supported"),
     ({**GOOD, "frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
     ({**GOOD, "stop": ["a"] * 20}, "stop", "limit is 8"),
+    ({**GOOD, "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({**GOOD, "frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+    ({**GOOD, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({**GOOD, "logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+    ({**GOOD, "logit_bias": {"999999": 1}}, "logit_bias", "outside this model's vocabulary of 259 ids"),
+    ({**GOOD, "logit_bias": {"token": 1}}, "logit_bias.token.[key]", "should match pattern"),
+    ({**GOOD, "stop_token_ids": [300]}, "stop_token_ids", "outside this model's vocabulary"),
+    ({**GOOD, "min_tokens": 10}, "min_tokens", "min_tokens (10) is more than max_tokens (4)"),
 ]
 
 

@@ -29,6 +29,28 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: run to max_tokens whatever the model says
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # extension (CTRL, transformers, vLLM): prompt and output tokens' logits / it (> 0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias in [-100, 100]) added to the logits
+    min_tokens: int = 0  # extension (vLLM): EOS and stop_token_ids refused before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # extension (vLLM): these tokens end the choice like EOS
+
+    def to_wire(self) -> dict:
+        """JSON-like, for another process (Ray); `from_wire` gives it back."""
+        return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "stop": list(self.stop),
+                "logit_bias": [list(b) for b in self.logit_bias], "stop_token_ids": list(self.stop_token_ids)}
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> SamplingParams:
+        return cls(**{**raw, "stop": tuple(raw.get("stop", ())), "stop_token_ids": tuple(raw.get("stop_token_ids", ())),
+                      "logit_bias": tuple((int(t), float(b)) for t, b in raw.get("logit_bias", ()))})
+
+    @property
+    def processed(self) -> bool:
+        """Whether this row's logits are changed before sampling (rows that are not pay nothing)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass

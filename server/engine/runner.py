@@ -24,6 +24,7 @@ from hotpeft.server.engine.graphs import DecodeGraphs
 from hotpeft.server.engine.interface import EngineFailure, EventSink, GenerationRequest, OutOfMemory, TokenEvent
 from hotpeft.server.engine.kv import PagedKVCache
 from hotpeft.server.engine.lora import LoraBank
+from hotpeft.server.engine.processors import process
 from hotpeft.server.engine.sampling import make_generator, sample
 
 log = logging.getLogger("hotpeft.engine")
@@ -202,6 +203,7 @@ class StepRunner:
                 logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
             tokens = []
             if sampled:
+                logits = process(logits, sampled, self.eos_ids)  # penalties, logit_bias, min_tokens: rows that ask
                 tokens = sample(logits, [s.request.params.temperature for s in sampled],
                                 [s.request.params.top_p for s in sampled],
                                 [s.generator for s in sampled]).tolist()  # the step's one device -> host copy
@@ -231,7 +233,7 @@ class StepRunner:
         s.last_token = token
         s.ids.append(token)
         finish, text = None, ""
-        if token in self.eos_ids and not p.ignore_eos:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         else:
             text = s.detok.push(token)

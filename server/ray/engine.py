@@ -82,10 +82,7 @@ class RayEngine(Engine):
         """Send the request to a replica (Serve picks one holding its adapter); its events are
         pumped into `sink` on the sink's event loop."""
         key = BASE_ID if request.adapter is None else request.adapter.key
-        p = request.params
-        payload = {"prompt_ids": request.prompt_ids,
-                   "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                              "seed": p.seed, "stop": list(p.stop), "ignore_eos": p.ignore_eos}}
+        payload = {"prompt_ids": request.prompt_ids, "params": request.params.to_wire()}
         if request.adapter is not None and request.adapter.recipe is not None:
             payload["recipe"] = request.adapter.recipe  # a mix: the replica builds it from the same versions
         response = self.handle.options(multiplexed_model_id=key, stream=True).generate.remote(payload)

@@ -74,7 +74,7 @@ class EngineReplica:
                     self._recipes.popitem(last=False)
             await self.adapter(key)
             adapter = await self._version(key)
-        request = GenerationRequest(payload["prompt_ids"], SamplingParams(**payload["params"]), adapter)
+        request = GenerationRequest(payload["prompt_ids"], SamplingParams.from_wire(payload["params"]), adapter)
         engine = self.rt.engine
         sink = EventSink(asyncio.get_running_loop())
         engine.submit(request, sink)  # Overloaded here goes back to the ingress as itself

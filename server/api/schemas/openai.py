@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -16,9 +16,6 @@ _UNSUPPORTED_UNLESS_OFF: dict[str, tuple] = {
     "parallel_tool_calls": (None,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -57,6 +54,16 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # token id (as a string, as OpenAI sends it) -> bias added to its logit
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    # Extensions (as in vLLM): CTRL's repetition penalty over prompt and output tokens; EOS and
+    # stop_token_ids refused before min_tokens; tokens that end the choice like EOS.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     # Extension (as in vLLM): keep sampling past EOS up to max_tokens; for benchmarks.
     ignore_eos: bool = False
     # Extension: a weighted mix of LoRA adapters for this request (PEFT's add_weighted_adapter
@@ -79,7 +86,8 @@ class _Request(BaseModel):
                     raise PydanticCustomError(
                         "unsupported_parameter", "'{param}' is not supported by hotpeft (supported: model, "
                         "messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, seed, stop, stream, "
-                        "stream_options)", {"param": key})
+                        "stream_options, presence_penalty, frequency_penalty, logit_bias; extensions: "
+                        "repetition_penalty, min_tokens, stop_token_ids, ignore_eos)", {"param": key})
             data = {k: v for k, v in data.items() if k not in _UNSUPPORTED_UNLESS_OFF}
         return data
 
