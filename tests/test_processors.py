@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from hotpeft.server.engine.interface import GenerationRequest, SamplingParams
 from hotpeft.server.engine.processors import process
-from test_engine import _tokens, make_request
+from test_engine import _tokens, make_request, rt  # noqa: F401 - rt: the tiny engine fixture
 
 
 @dataclass
@@ -124,13 +124,3 @@ def test_stop_token_ids_end_the_choice_and_min_tokens_holds_them_back(rt):
     assert stopped == plain[:first + 1]  # the stop token ends the choice (its id is reported, no text)
     held = asyncio.run(_tokens(rt, make_request(rt, None, prompt, 12, stop_token_ids=(stop,), min_tokens=first + 2)))
     assert stop not in held[:first + 2] and len(held) > first + 1
-
-
-@pytest.fixture(scope="module")
-def rt(tiny_dirs, tmp_path_factory):
-    from test_engine import make_runtime
-
-    runtime = make_runtime(tiny_dirs, tmp_path_factory, max_batch_tokens=16)
-    runtime.engine.start()
-    yield runtime
-    runtime.engine.stop()
