@@ -111,11 +111,12 @@ def _processors(rt: Runtime, req, max_tokens: int, max_param: str) -> dict:
         if bad:
             raise InvalidRequest(f"{param}: token id {bad[0]} is outside this model's vocabulary of {vocab} ids "
                                  f"(0 to {vocab - 1})", param=param, code="invalid_value")
-    if req.min_tokens > max_tokens:
-        raise InvalidRequest(f"min_tokens ({req.min_tokens}) is more than {max_param} ({max_tokens})",
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) is more than {max_param} ({max_tokens})",
                              param="min_tokens", code="invalid_value")
-    return {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-            "repetition_penalty": req.repetition_penalty, "logit_bias": bias, "min_tokens": req.min_tokens,
+    return {"presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": req.repetition_penalty or 1.0, "logit_bias": bias, "min_tokens": min_tokens,
             "stop_token_ids": tuple(req.stop_token_ids or ())}
 
 

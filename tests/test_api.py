@@ -101,6 +101,11 @@ def test_logit_bias_and_penalties_through_the_client(client, tok):
                                           temperature=0, presence_penalty=-2.0, frequency_penalty=1.0,
                                           extra_body={"repetition_penalty": 1.2, "min_tokens": 2})
     assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens >= 2
+    off = {"presence_penalty": None, "frequency_penalty": None, "logit_bias": None, "repetition_penalty": None,
+           "min_tokens": None, "stop_token_ids": None}  # null is "off", as OpenAI allows
+    plain = client.completions.create(model="lora-attn", prompt="hello", max_tokens=4, temperature=0)
+    nulls = client.completions.create(model="lora-attn", prompt="hello", max_tokens=4, temperature=0, extra_body=off)
+    assert nulls.choices[0].text == plain.choices[0].text
 
 
 def test_stop_strings_end_the_text(client):
@@ -152,7 +157,7 @@ BAD_INPUTS = [
     ({**GOOD, "stop": ["a"] * 20}, "stop", "limit is 8"),
     ({**GOOD, "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
     ({**GOOD, "frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
-    ({**GOOD, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({**GOOD, "repetition_penalty": 0}, "repetition_penalty", "greater than or equal to 0.01"),
     ({**GOOD, "logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
     ({**GOOD, "logit_bias": {"999999": 1}}, "logit_bias", "outside this model's vocabulary of 259 ids"),
     ({**GOOD, "logit_bias": {"token": 1}}, "logit_bias.token.[key]", "should match pattern"),

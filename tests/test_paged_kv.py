@@ -205,7 +205,8 @@ def test_a_request_larger_than_the_kv_pool_is_a_400_naming_both_numbers(tmp_path
 
 @pytest.mark.parametrize("graphs", [None, "static"])
 def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts, monkeypatch, graphs):
-    """Mixed rows (LoRAs, a soft prompt, prefill chunks and decode, greedy and sampled): the step's
+    """Mixed rows (LoRAs, a soft prompt, prefill chunks and decode, greedy and sampled, with logits
+    processors): the step's
     only device -> host read is the sampled tokens' one `tolist()`; also when decode steps run at
     fixed shapes (the code CUDA graphs capture)."""
     rt = with_pool(tiny_dirs, tmp_path_factory, n_blocks=64, graphs=graphs)
@@ -224,7 +225,10 @@ def test_a_step_copies_device_to_host_once(tiny_dirs, tmp_path_factory, prompts,
         monkeypatch.setattr(torch.Tensor, name, counted)
     with torch.inference_mode():
         for i, (a, p) in enumerate(zip(ADAPTERS, prompts)):
-            request = make_request(rt, a, p, 8, **({"temperature": 0.8, "seed": 1} if i % 2 else {}))
+            sampling = {"temperature": 0.8, "seed": 1} if i % 2 else {}
+            if i == 2:  # logits processors too: penalties with their device state, a bias
+                sampling |= {"frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": ((5, 1.0),)}
+            request = make_request(rt, a, p, 8, **sampling)
             assert engine._admit(request, _Sink())
         per_step = []
         for _ in range(12):

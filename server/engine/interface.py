@@ -46,11 +46,11 @@ class SamplingParams:
         return cls(**{**raw, "stop": tuple(raw.get("stop", ())), "stop_token_ids": tuple(raw.get("stop_token_ids", ())),
                       "logit_bias": tuple((int(t), float(b)) for t, b in raw.get("logit_bias", ()))})
 
-    @property
-    def processed(self) -> bool:
-        """Whether this row's logits are changed before sampling (rows that are not pay nothing)."""
+    def processes(self, generated: int) -> bool:
+        """Whether this row's logits are changed before sampling its next token, `generated` tokens
+        in (rows that are not pay nothing)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or generated < self.min_tokens)
 
 
 @dataclass

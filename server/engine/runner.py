@@ -49,6 +49,7 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     done: bool = False
+    penalties: object | None = None  # processors.PenaltyState of a row with penalties
 
     @property
     def decoding(self) -> bool:

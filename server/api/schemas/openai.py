@@ -54,15 +54,17 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # null is "off", as OpenAI allows
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     # token id (as a string, as OpenAI sends it) -> bias added to its logit
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
-                     Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,8})$")],
+                     Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=1024)
     # Extensions (as in vLLM): CTRL's repetition penalty over prompt and output tokens; EOS and
     # stop_token_ids refused before min_tokens; tokens that end the choice like EOS.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     # Extension (as in vLLM): keep sampling past EOS up to max_tokens; for benchmarks.
     ignore_eos: bool = False
