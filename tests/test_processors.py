@@ -3,7 +3,7 @@ decoding in the engine against a loop that applies them to the PEFT model's logi
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch

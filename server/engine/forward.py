@@ -51,7 +51,6 @@ class DecoderStep:
         self.embed = model.get_input_embeddings()
         self.n_heads = arch.num_heads
         self.n_kv = arch.num_kv_heads
-        self.groups = self.n_heads // self.n_kv
         self.head_dim = arch.head_dim
         self.scaling = self.head_dim ** -0.5
         self.rope_sign = torch.ones(self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)

@@ -55,6 +55,7 @@ class DecodeGraphs:
         self.buckets = buckets(max_rows)
         self.compiled = torch.compile(self._forward, dynamic=False) if mode == "compile" else None
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, input buffer, logits)
+        self._compiled: set[int] = set()  # buckets torch.compile has compiled (mode "compile")
         self._layout = -1  # the bank generation the graphs were captured with
         self._pool = None
         self.captures = 0
@@ -95,10 +96,10 @@ class DecodeGraphs:
     def run(self, ints: list[int], b: int) -> torch.Tensor:
         """Logits (b, V) of one decode step of bucket b."""
         host = torch.tensor(ints, dtype=torch.long)
-        if self.mode == "compile" and b not in self._graphs:  # compiled at its first step: say how long it took
+        if self.mode == "compile" and b not in self._compiled:  # compiled at its first step: say how long it took
             t0 = time.perf_counter()
             logits = self.compiled(host.to(self.device))
-            self._graphs[b] = ()
+            self._compiled.add(b)
             log.info("decode step for %d rows compiled in %.1f s (torch.compile; cached for restarts)", b,
                      time.perf_counter() - t0)
             return logits
