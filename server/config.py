@@ -79,6 +79,9 @@ class Settings(BaseSettings):
                                                   "batched /v1/completions request")
     max_stop: int = Field(8, ge=0, le=64, description="most stop sequences per request")
     max_stop_length: int = Field(256, ge=1, le=65536, description="longest stop sequence accepted, in characters")
+    max_schema_bytes: int = Field(
+        32 << 10, ge=64, le=16 << 20, description="largest JSON schema, regex, grammar or tool list that constrains "
+                                                  "decoding (structured outputs, tool calls), in bytes")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted, in tokens (default: the context length minus one)")
     max_total_tokens: int | None = Field(

@@ -5,14 +5,18 @@ No tensors here: prompts become token-id lists, the engine does the rest.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from hotpeft.adapters.catalog import AdapterVersion
 from hotpeft.adapters.names import BASE_ALIAS
+from hotpeft.model.chat import render
 from hotpeft.server.engine.interface import GenerationRequest, SamplingParams, TokenEvent
 from hotpeft.server.errors import InvalidRequest
 from hotpeft.server.runtime import Runtime
+from hotpeft.server.structured import grammar_for
+from hotpeft.server.toolcalls import ToolPlan, plan_tools
 from hotpeft.server.api.schemas.openai import ChatCompletionRequest, CompletionRequest
 
 
@@ -22,6 +26,8 @@ class Prepared:
     prompts: list[list[int]]  # token ids, one list per prompt
     n: int
     params: list[SamplingParams]  # one per prompt (max_tokens may differ with the prompt's length)
+    texts: list[str] | None = None  # completions: each prompt's text (echo returns it)
+    tools: ToolPlan | None = None  # chat with tools: how calls are constrained or parsed
 
     def requests(self) -> list[GenerationRequest]:
         """n requests per prompt, in choice order (prompt-major)."""
@@ -55,9 +61,15 @@ def _check_common(rt: Runtime, req, n_prompts: int = 1) -> None:
         if len(stop) > s.max_stop_length:
             raise InvalidRequest(f"a stop sequence of {len(stop)} characters; the limit is {s.max_stop_length} "
                                  "(--max-stop-length)", param="stop")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    elif req.max_tokens == 0 and not req.echo:
+        raise InvalidRequest("max_tokens must be at least 1 (0 only with echo: true, to score the prompt)",
+                             param="max_tokens", code="invalid_value")
 
 
-def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
+def _params(rt: Runtime, req, prompt_len: int, virtual: int, grammar: str | None = None) -> SamplingParams:
     s = rt.settings
     context = rt.base.max_model_len
     limit = min(context, s.max_total_tokens or context)
@@ -99,10 +111,10 @@ def _params(rt: Runtime, req, prompt_len: int, virtual: int) -> SamplingParams:
     if pool and used + max_tokens > pool:
         max_tokens = pool - used  # no max_tokens given: as far as the KV cache goes
     return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.ignore_eos,
-                          **_processors(rt, req, max_tokens, param))
+                          **_processors(rt, req, max_tokens, param, grammar))
 
 
-def _processors(rt: Runtime, req, max_tokens: int, max_param: str) -> dict:
+def _processors(rt: Runtime, req, max_tokens: int, max_param: str, grammar: str | None) -> dict:
     """The logits processors' parameters; token ids checked against the model's vocabulary."""
     vocab = rt.base.arch.vocab_size
     bias = tuple((int(t), float(b)) for t, b in (req.logit_bias or {}).items())
@@ -115,9 +127,15 @@ def _processors(rt: Runtime, req, max_tokens: int, max_param: str) -> dict:
     if min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens ({min_tokens}) is more than {max_param} ({max_tokens})",
                              param="min_tokens", code="invalid_value")
-    return {"presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
+    if isinstance(req, ChatCompletionRequest):
+        logprobs, prompt_logprobs = (req.top_logprobs or 0) if req.logprobs else None, None
+    else:
+        logprobs, prompt_logprobs = req.logprobs, req.logprobs if req.echo else None
+    return {"grammar": grammar or grammar_for(req, rt.settings.max_schema_bytes),
+            "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
             "repetition_penalty": req.repetition_penalty or 1.0, "logit_bias": bias, "min_tokens": min_tokens,
-            "stop_token_ids": tuple(req.stop_token_ids or ())}
+            "stop_token_ids": tuple(req.stop_token_ids or ()), "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs}
 
 
 def _virtual_tokens(adapter: AdapterVersion | None) -> int:
@@ -150,30 +168,59 @@ def prepare_chat(rt: Runtime, req: ChatCompletionRequest, adapter: AdapterVersio
     tok = rt.tokenizer
     if template is None and not getattr(tok, "chat_template", None):
         raise InvalidRequest(f"model {req.model!r} has no chat template; use /v1/completions", param="model")
-    conversation = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-    ]
+    plan = plan_tools(req, rt.settings.max_schema_bytes)
+    conversation = [_message(m, i) for i, m in enumerate(req.messages)]
     try:
-        text = tok.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=False)
+        text = render(tok, conversation, plan.tools if plan else None, template)
     except Exception as e:  # noqa: BLE001 - a template may raise anything (it is user-supplied Jinja)
         raise InvalidRequest(f"the chat template could not render these messages: {e}", param="messages") from e
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    return Prepared(adapter, [ids], req.n, [_params(rt, req, len(ids), _virtual_tokens(adapter))])
+    params = _params(rt, req, len(ids), _virtual_tokens(adapter), plan.grammar if plan else None)
+    return Prepared(adapter, [ids], req.n, [params], tools=plan)
+
+
+def _message(m, i: int) -> dict:
+    """A request's message as `model.chat` renders it (OpenAI's fields, `developer` as `system`)."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        for k, c in enumerate(m.tool_calls):
+            try:
+                ok = isinstance(json.loads(c.function.arguments), dict)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise InvalidRequest("a tool call's arguments must be a JSON object (as text)",
+                                     param=f"messages.{i}.tool_calls.{k}.function.arguments", code="invalid_value")
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def prepare_completion(rt: Runtime, req: CompletionRequest, adapter: AdapterVersion | None) -> Prepared:
     _check_common(rt, req, len(req.prompts))
     tok = rt.tokenizer
-    prompts, params = [], []
-    for i, text in enumerate(req.prompts):
-        ids = tok(text)["input_ids"]
+    vocab = rt.base.arch.vocab_size
+    prompts, params, texts = [], [], []
+    for i, given in enumerate(req.prompts):
+        param = "prompt" if len(req.prompts) == 1 else f"prompt.{i}"
+        if isinstance(given, list):  # token ids, used as they are
+            ids = list(given)
+            if max(ids) >= vocab:
+                raise InvalidRequest(f"prompt token id {max(ids)} is outside this model's vocabulary of {vocab} ids "
+                                     f"(0 to {vocab - 1})", param=param, code="invalid_value")
+            text = tok.decode(ids) if req.echo else ""
+        else:
+            text = given
+            ids = tok(text)["input_ids"]
         if not ids:
             if tok.bos_token_id is None:
-                raise InvalidRequest("prompt must not be empty", param="prompt" if len(req.prompts) == 1 else f"prompt.{i}")
+                raise InvalidRequest("prompt must not be empty", param=param)
             ids = [tok.bos_token_id]
         prompts.append(ids)
+        texts.append(text)
         params.append(_params(rt, req, len(ids), _virtual_tokens(adapter)))
-    return Prepared(adapter, prompts, req.n, params)
+    return Prepared(adapter, prompts, req.n, params, texts)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Everything the app holds while it runs, built in the lifespan and torn down after it."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from hotpeft.server.engine.interface import Engine
 from hotpeft.server.engine.kv import KVBudgetTooSmall, build_kv_cache
 from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.engine.scheduler import BatchEngine, EngineLimits
+from hotpeft.server.api.logprobs import TokenText
 from hotpeft.server.metrics import EngineObserver, Metrics
 from hotpeft.trainer.jobs import JobManager, JobStore
 
@@ -37,6 +39,11 @@ class Runtime:
     @property
     def tokenizer(self):
         return self.base.tokenizer
+
+    @functools.cached_property
+    def token_text(self):
+        """Token id -> (text, bytes), cached for the server's life (logprobs)."""
+        return TokenText(self.tokenizer)
 
 
 def build_runtime(settings: Settings, engine: Engine | None = None, report_jobs: bool = True) -> Runtime:

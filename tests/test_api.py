@@ -152,7 +152,7 @@ BAD_INPUTS = [
     ({**GOOD, "top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({**GOOD, "n": 5}, "n", "above this server's limit of 4"),
     ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "'tools' is not supported"),
-    ({**GOOD, "logprobs": True}, "logprobs", "'logprobs' is not supported"),
+    ({**GOOD, "audio": {"voice": "alloy"}}, "audio", "'audio' is not supported"),
     ({**GOOD, "frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
     ({**GOOD, "stop": ["a"] * 20}, "stop", "limit is 8"),
     ({**GOOD, "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),

@@ -34,6 +34,7 @@ class StepInput:
     last_index: torch.Tensor  # (R,) long, packed index of each row's last token
     attn: dict  # the attention kernel's metadata of this step (`attention.py`)
     sample_rows: torch.Tensor  # (S,) long, rows whose last token's logits are needed
+    score_index: torch.Tensor | None = None  # (K,) long, more packed tokens whose logits are needed (echo)
 
 
 class DecoderStep:
@@ -125,7 +126,8 @@ class DecoderStep:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`."""
+        """Run all layers; returns logits (S, V) of the rows in `step.sample_rows`, then (K, V) of the
+        tokens in `step.score_index` when given."""
         x = step.embeds  # (N, H)
         n_tok = x.shape[0]
         d, n_kv, nh = self.head_dim, self.n_kv, self.n_heads
@@ -148,5 +150,8 @@ class DecoderStep:
             out = self.attention(q, K, V, step.attn, n_kv, self.scaling).reshape(n_tok, nh * d)
             x = x + self._o(li, out)
             x = x + self._mlp(li, self._norm(layer.post_attention_layernorm, x))
-        last = x[step.last_index[step.sample_rows]]  # (S, H)
+        at = step.last_index[step.sample_rows]
+        if step.score_index is not None:
+            at = torch.cat([at, step.score_index])
+        last = x[at]  # (S [+ K], H)
         return self.lm_head(self._norm(self.norm, last))

@@ -35,6 +35,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias in [-100, 100]) added to the logits
     min_tokens: int = 0  # extension (vLLM): EOS and stop_token_ids refused before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # extension (vLLM): these tokens end the choice like EOS
+    logprobs: int | None = None  # each sampled token's raw logprob and this many top alternatives (0..20)
+    prompt_logprobs: int | None = None  # echo: the prompt tokens' logprobs and this many alternatives (0..5)
+    grammar: str | None = None  # llguidance grammar (JSON): the output is constrained to it token by token
 
     def to_wire(self) -> dict:
         """JSON-like, for another process (Ray); `from_wire` gives it back."""
@@ -71,6 +74,16 @@ class TokenEvent:
     completion_tokens: int = 0
     error: BaseException | None = None  # set when the request failed inside the engine
     replica: str | None = None  # which engine replica produced it (Ray Serve); None in one process
+    # [token id, logprob, [[id, logprob], ...]] per token of `token_ids` that carries text (EOS not), when asked
+    logprobs: list | None = None
+    # echo: [[token id, logprob or None, [[id, logprob], ...]], ...] for every prompt token, in the first event
+    prompt_logprobs: list | None = None
+
+    def wire(self) -> dict:
+        """JSON-like (Ray); `TokenEvent(**wire)` gives it back."""
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
 
 
 class EngineFailure(RuntimeError):

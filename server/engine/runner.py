@@ -20,9 +20,11 @@ from hotpeft.server.engine.attention import StepShape
 from hotpeft.server.engine.blocks import chain_hashes
 from hotpeft.server.engine.detok import IncrementalText
 from hotpeft.server.engine.forward import DecoderStep, StepInput
+from hotpeft.server.engine.grammar import Grammars
 from hotpeft.server.engine.graphs import DecodeGraphs
 from hotpeft.server.engine.interface import EngineFailure, EventSink, GenerationRequest, OutOfMemory, TokenEvent
 from hotpeft.server.engine.kv import PagedKVCache
+from hotpeft.server.engine import logprobs
 from hotpeft.server.engine.lora import LoraBank
 from hotpeft.server.engine.processors import process
 from hotpeft.server.engine.sampling import make_generator, sample
@@ -50,6 +52,10 @@ class Sequence:
     last_token: int = -1
     done: bool = False
     penalties: object | None = None  # processors.PenaltyState of a row with penalties
+    pending_logprob: list | None = None  # this step's [token, logprob, top] (rows with logprobs)
+    prompt_lp: list = field(default_factory=list)  # echo: the prompt tokens scored so far
+    prompt_scored: bool = False  # echo: every prompt token scored (set when its prefill ends)
+    matcher: object | None = None  # llguidance LLMatcher of a row with a grammar
 
     @property
     def decoding(self) -> bool:
@@ -74,6 +80,7 @@ class StepRunner:
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.vocab_size = self.embed.weight.shape[0]
+        self.grammars = Grammars(tokenizer, self.vocab_size, eos_ids)
 
     # ---- admission --------------------------------------------------------------------------------
     def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
@@ -144,8 +151,10 @@ class StepRunner:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def build(self, rows: list[Sequence], takes: list[int]) -> tuple[StepInput, list[Sequence]]:
-        """The packed batch and the rows sampled this step. Every row holds the blocks its tokens need.
+    def build(self, rows: list[Sequence], takes: list[int]
+              ) -> tuple[StepInput, list[Sequence], logprobs.PromptScores | None]:
+        """The packed batch, the rows sampled this step and the prompt positions scored for echo
+        rows. Every row holds the blocks its tokens need.
 
         Host work is per row and per block, never per token: each token's position, KV row and
         adapter are expanded from its row's on the device."""
@@ -165,9 +174,16 @@ class StepRunner:
         width = self.kv.blocks_for(max(kv_lens))
         table = [b for s in rows for b in (s.blocks[:width] + [0] * (width - len(s.blocks)))]
         r = len(rows)
-        ints = self.upload(decode_tokens + takes + kv_lens + [s.adapter_id for s in rows] + sample_rows + table)
-        cut = list(itertools.accumulate([len(decode_tokens), r, r, r, len(sample_rows), len(table)]))
-        dec, takes_t, lens, aids, sample_t, table_t = (ints[a:b] for a, b in zip([0] + cut, cut))
+        score_index, score_targets, spans = logprobs.score_plan(rows, takes)
+        ints = self.upload(decode_tokens + takes + kv_lens + [s.adapter_id for s in rows] + sample_rows + table
+                           + score_index + score_targets)
+        cut = list(itertools.accumulate([len(decode_tokens), r, r, r, len(sample_rows), len(table),
+                                         len(score_index), len(score_targets)]))
+        dec, takes_t, lens, aids, sample_t, table_t, score_t, target_t = (ints[a:b] for a, b in zip([0] + cut, cut))
+        scores = None
+        if spans:
+            scores = logprobs.PromptScores(score_t, target_t, score_targets, spans,
+                                           max(s.request.params.prompt_logprobs for s, _ in spans))
         table_t = table_t.view(r, width)
         ends = takes_t.cumsum(0)
         row_of = torch.repeat_interleave(torch.arange(r, device=self.device), takes_t, output_size=n_tok)  # (N,)
@@ -185,9 +201,9 @@ class StepRunner:
             embeds = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         attn = self.step_fn.attention.prepare(StepShape(takes, kv_lens, takes_t, lens, table_t, bs))
         step = StepInput(embeds=embeds, positions=positions, kv_rows=kv_rows, last_index=ends - 1, attn=attn,
-                         sample_rows=sample_t)
+                         sample_rows=sample_t, score_index=None if scores is None else score_t)
         self.bank.plan([s.adapter_id for s in rows], takes, aids[row_of])
-        return step, [rows[i] for i in sample_rows]
+        return step, [rows[i] for i in sample_rows], scores
 
     @torch.inference_mode()
     def run(self, rows: list[Sequence], takes: list[int]) -> list[tuple[EventSink, TokenEvent]]:
@@ -195,19 +211,19 @@ class StepRunner:
         Raises when the step failed (no row has moved then)."""
         try:
             b = self.graphs.bucket(rows) if self.graphs is not None else None
+            scores = score_logits = None
             if b is not None:  # a decode-only step at a fixed shape
                 ints = self.graphs.inputs([s.last_token for s in rows], [s.kv_len + 1 for s in rows],
                                           [s.adapter_id for s in rows], [s.blocks for s in rows], b)
                 logits, sampled = self.graphs.run(ints, b)[:len(rows)], rows
             else:
-                step, sampled = self.build(rows, takes)
-                logits = self.step_fn.forward(step)  # (S, V); S = 0 when every row is mid-prompt
+                step, sampled, scores = self.build(rows, takes)
+                logits = self.step_fn.forward(step)  # (S [+ K], V); S = 0 when every row is mid-prompt
+                if scores is not None:
+                    logits, score_logits = logits[:len(sampled)], logits[len(sampled):]
             tokens = []
-            if sampled:
-                logits = process(logits, sampled, self.eos_ids)  # penalties, logit_bias, min_tokens: rows that ask
-                tokens = sample(logits, [s.request.params.temperature for s in sampled],
-                                [s.request.params.top_p for s in sampled],
-                                [s.generator for s in sampled]).tolist()  # the step's one device -> host copy
+            if sampled or scores is not None:
+                tokens = self.sample(logits, sampled, score_logits, scores)
         finally:
             self.bank.clear_plan()
         for s, take in zip(rows, takes):
@@ -216,6 +232,7 @@ class StepRunner:
                 s.prefilled += take
                 if s.decoding:
                     s.embeds = None  # the prompt is in the KV cache now
+                    s.prompt_scored = True
             self.commit_full_blocks(s)
         events = []
         for s, token in zip(sampled, tokens):
@@ -228,17 +245,41 @@ class StepRunner:
                 s.done = True
         return events
 
+    def sample(self, raw: torch.Tensor, rows: list[Sequence], score_logits: torch.Tensor | None,
+               scores: logprobs.PromptScores | None) -> list[int]:
+        """The sampled tokens of `rows`, read with the logprobs of the rows that ask in the step's
+        one device -> host copy."""
+        tokens = raw.new_zeros(0, dtype=torch.long)
+        if rows:
+            logits = process(raw, rows, self.eos_ids)  # penalties, logit_bias, min_tokens: rows that ask
+            logits = self.grammars.mask(logits, rows)  # structured outputs: rows with a grammar
+            tokens = sample(logits, [s.request.params.temperature for s in rows], [s.request.params.top_p for s in rows],
+                            [s.generator for s in rows])
+        packed = logprobs.pack(raw, tokens, rows, score_logits, scores)
+        if packed is None:
+            return tokens.tolist()
+        return logprobs.unpack(packed.tolist(), rows, scores)
+
     def event(self, s: Sequence, token: int) -> TokenEvent:
         p = s.request.params
+        echo = None
+        if p.prompt_logprobs is not None and s.generated == 0:  # the first event carries the prompt's
+            echo = [[s.request.prompt_ids[0], None, []]] + s.prompt_lp
+            s.prompt_lp = []
+        if p.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+            s.done = True
+            return TokenEvent("", [], "length", len(s.request.prompt_ids), 0, prompt_logprobs=echo)
         s.generated += 1
         s.last_token = token
         s.ids.append(token)
-        finish, text = None, ""
+        finish, text, scored = None, "", None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         else:
+            complete = s.matcher is not None and self.grammars.advance(s, token)
             text = s.detok.push(token)
-            if s.detok.stopped:
+            scored = None if s.pending_logprob is None else [s.pending_logprob]
+            if s.detok.stopped or complete:
                 finish = "stop"
             elif s.generated >= p.max_tokens:
                 finish = "length"
@@ -246,7 +287,8 @@ class StepRunner:
             text += s.detok.finish()
         if finish is not None:
             s.done = True
-        return TokenEvent(text, [token], finish, len(s.request.prompt_ids), s.generated)
+        return TokenEvent(text, [token], finish, len(s.request.prompt_ids), s.generated, logprobs=scored,
+                          prompt_logprobs=echo)
 
 
 def step_error(e: BaseException) -> Exception:

@@ -266,6 +266,7 @@ class BatchEngine(Engine):
         adapter, lora_key = request.adapter, None
         try:
             embeds = self.runner.prompt_embeds(request)
+            matcher = self.runner.grammars.matcher(request.params.grammar) if request.params.grammar else None
             if adapter is not None and adapter.kind == "lora":
                 if not self.tier.ensure(adapter, self._loras_in_use()):
                     return False
@@ -275,6 +276,7 @@ class BatchEngine(Engine):
             sink.put(TokenEvent("", [], error=EngineFailure(f"generation failed: {type(e).__name__}: {e}")))
             return True
         seq = self.runner.sequence(request, sink, self.runner.bank.adapter_id(lora_key), lora_key, embeds)
+        seq.matcher = matcher
         if not self._place(seq, new=True):
             return False
         if self.observer is not None:
@@ -288,7 +290,10 @@ class BatchEngine(Engine):
         kv, pool = self.kv, self.kv.pool
         bs = kv.block_size
         cacheable = (seq.prompt_len - 1) // bs  # the last prompt token is always computed: its logits sample
-        hashes = chain_hashes(seq.kv_key, seq.ids[:cacheable * bs], bs) if pool.prefix_cache else []
+        scoring = seq.request.params.prompt_logprobs is not None and not seq.prompt_scored
+        if scoring:  # echo: every prompt position is computed to score the token after it
+            seq.prompt_lp = []
+        hashes = chain_hashes(seq.kv_key, seq.ids[:cacheable * bs], bs) if pool.prefix_cache and not scoring else []
         hits = pool.match(hashes)
         need = kv.blocks_for(seq.prompt_len) - len(hits)
         if need > pool.n_free - (self._watermark if self._running else 0):

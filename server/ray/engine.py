@@ -102,8 +102,7 @@ class RayEngine(Engine):
                     if "replica" in item:
                         replica = item["replica"]
                         continue
-                    sink.put(TokenEvent(item["text"], item["token_ids"], item["finish_reason"], item["prompt_tokens"],
-                                        item["completion_tokens"], replica=replica))
+                    sink.put(TokenEvent(**item, replica=replica))
         except Exception as e:  # noqa: BLE001 - every failure reaches the request as its error event
             why = self._aborted.pop(request_id, None)
             if request_id in self._open:  # not cancelled by its client

@@ -92,8 +92,7 @@ class EngineReplica:
                     if ev.error is not None:
                         finished = True
                         raise ev.error
-                    out.append({"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
-                                "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens})
+                    out.append(ev.wire())
                     if ev.finish_reason is not None:
                         finished = True
                         break

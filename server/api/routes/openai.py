@@ -6,10 +6,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hotpeft.server.api.logprobs import Legacy, chat_content
+from hotpeft.model.chat import parse_tool_calls
 from hotpeft.server.deps import RuntimeDep
 from hotpeft.server.errors import describe
 from hotpeft.server.generation import (
@@ -17,6 +20,7 @@ from hotpeft.server.generation import (
 )
 from hotpeft.server.metrics import RequestTracker
 from hotpeft.server.runtime import Runtime
+from hotpeft.server.toolcalls import ToolPlan, ToolStream, openai_calls
 from hotpeft.server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -76,25 +80,37 @@ async def _open(rt: Runtime, endpoint: str, body, prepare) -> tuple[RequestTrack
         raise
 
 
+@dataclass
+class Collected:
+    """Every choice's whole answer."""
+
+    texts: list[str]
+    finish: list[str | None]
+    logprobs: list[list]  # per choice: the engine's [token, logprob, top] entries of its output
+    prompt_logprobs: list[list | None]  # per choice, with echo: its prompt tokens' entries
+    completion_tokens: int = 0
+    replicas: set[str] = field(default_factory=set)
+
+
 async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choices: int, tracker: RequestTracker,
-                   prompt_tokens: int):
+                   prompt_tokens: int) -> Collected | None:
     """Whole texts per choice; a client that goes away cancels the generation."""
-    texts = [""] * n_choices
-    finish: list[str | None] = [None] * n_choices
-    completion_tokens = 0
-    replicas: set[str] = set()
+    out = Collected([""] * n_choices, [None] * n_choices, [[] for _ in range(n_choices)], [None] * n_choices)
 
     async def gather():
-        nonlocal completion_tokens
         async for i, ev in run_choices(rt, choices):
             if ev.replica:
-                replicas.add(ev.replica)
+                out.replicas.add(ev.replica)
                 tracker.replica = ev.replica
-            texts[i] += ev.text
-            completion_tokens += len(ev.token_ids)
+            out.texts[i] += ev.text
+            out.completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))
+            if ev.logprobs:
+                out.logprobs[i] += ev.logprobs
+            if ev.prompt_logprobs is not None:
+                out.prompt_logprobs[i] = ev.prompt_logprobs
             if ev.finish_reason:
-                finish[i] = ev.finish_reason
+                out.finish[i] = ev.finish_reason
 
     work = asyncio.create_task(gather())
     watcher = asyncio.create_task(_until_disconnect(request))
@@ -106,15 +122,15 @@ async def _collect(request: Request, rt: Runtime, choices: OpenChoices, n_choice
             work.cancel()
             choices.cancel(rt)  # also when the task was cancelled before it began
     if work.cancelled():
-        tracker.finish("cancelled", prompt_tokens, completion_tokens)
+        tracker.finish("cancelled", prompt_tokens, out.completion_tokens)
         return None
     try:
         work.result()  # re-raise an engine failure
     except Exception as e:
-        tracker.failed(e, prompt_tokens, completion_tokens)
+        tracker.failed(e, prompt_tokens, out.completion_tokens)
         raise
-    tracker.finish("ok", prompt_tokens, completion_tokens)
-    return texts, finish, completion_tokens, replicas
+    tracker.finish("ok", prompt_tokens, out.completion_tokens)
+    return out
 
 
 def _headers(prepared: Prepared, replicas: set[str] = frozenset()) -> dict[str, str]:
@@ -142,8 +158,8 @@ async def _stream(rt: Runtime, prepared: Prepared, choices: OpenChoices, make_ch
                 yield f": hotpeft-replica {ev.replica}\n\n"
             completion_tokens += len(ev.token_ids)
             tracker.tokens(i, len(ev.token_ids))
-            if ev.text:
-                yield _sse(make_chunk(i, ev.text, None))
+            if ev.text or ev.logprobs or ev.prompt_logprobs is not None:
+                yield _sse(make_chunk(i, ev.text, None, ev))
             if ev.finish_reason:
                 yield _sse(make_chunk(i, "", ev.finish_reason))
         outcome = "ok"
@@ -168,12 +184,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     headers = _headers(prepared)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
+    tokens = rt.token_text
+    tools = prepared.tools if prepared.tools and prepared.tools.choice != "none" else None
     if body.stream:
-        def chunk(i, text, finish):
+        calls = [ToolStream(tools.names) for _ in range(body.n)] if tools else None
+
+        def chunk(i, text, finish, ev=None):
             delta = {"content": text} if finish is None else {}
+            if calls:
+                if finish is None:
+                    text, new = calls[i].feed(text)
+                    delta = {"content": text} if text else {}
+                    if new:
+                        delta["tool_calls"] = new
+                else:
+                    rest = calls[i].finish()
+                    delta = {"content": rest} if rest else {}
+                    finish = "tool_calls" if calls[i].calls and finish == "stop" else finish
+            lp = {"content": chat_content(ev.logprobs, tokens), "refusal": None} if ev and ev.logprobs else None
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "system_fingerprint": fingerprint,
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         def usage_chunk(usage):
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -194,16 +225,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     result = await _collect(request, rt, choices, body.n, tracker, prepared.prompt_tokens)
     if result is None:
         return None
-    texts, finish, completion_tokens, replicas = result
-    return JSONResponse(headers=_headers(prepared, replicas), content={
+    return JSONResponse(headers=_headers(prepared, result.replicas), content={
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "system_fingerprint": fingerprint,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-            for i, (t, f) in enumerate(zip(texts, finish))
+            {"index": i, **_answer(t, f, tools),
+             "logprobs": {"content": chat_content(lp, tokens), "refusal": None} if body.logprobs else None}
+            for i, (t, f, lp) in enumerate(zip(result.texts, result.finish, result.logprobs))
         ],
-        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+        "usage": _usage(prepared.prompt_tokens, result.completion_tokens),
     })
+
+
+def _answer(text: str, finish: str | None, tools: ToolPlan | None) -> dict:
+    """A choice's message and finish reason; with tools, calls in the text become `tool_calls`."""
+    if tools is None:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    content, calls = parse_tool_calls(text, tools.names)
+    if not calls:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    calls = [{k: v for k, v in c.items() if k != "index"} for c in openai_calls(calls)]  # index: stream deltas only
+    return {"message": {"role": "assistant", "content": content, "tool_calls": calls},
+            "finish_reason": "tool_calls" if finish == "stop" else finish}
 
 
 @router.post("/completions", responses=_GENERATION)
@@ -212,10 +255,23 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
     headers = _headers(prepared)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_choices = len(prepared.prompts) * body.n
+    tokens = rt.token_text
+    echoed = [prepared.texts[i // body.n] if body.echo else "" for i in range(n_choices)]
     if body.stream:
-        def chunk(i, text, finish):
+        offsets = [0] * n_choices  # characters sent so far per choice (text_offset)
+        sent_echo = [False] * n_choices
+
+        def chunk(i, text, finish, ev=None):
+            lp = None
+            if body.echo and not sent_echo[i]:  # the prompt goes first
+                sent_echo[i] = True
+                text = echoed[i] + text
+            if ev is not None and body.logprobs is not None:
+                legacy = Legacy(tokens, offsets[i]).add(ev.prompt_logprobs or []).add(ev.logprobs or [])
+                offsets[i] = legacy.offset
+                lp = legacy.body()
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
 
         def usage_chunk(usage):
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -226,10 +282,15 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
     result = await _collect(request, rt, choices, n_choices, tracker, prepared.prompt_tokens)
     if result is None:
         return None
-    texts, finish, completion_tokens, replicas = result
-    return JSONResponse(headers=_headers(prepared, replicas), content={
+
+    def legacy(i: int) -> dict | None:
+        if body.logprobs is None:
+            return None
+        return Legacy(tokens).add(result.prompt_logprobs[i] or []).add(result.logprobs[i]).body()
+
+    return JSONResponse(headers=_headers(prepared, result.replicas), content={
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                    for i, (t, f) in enumerate(zip(texts, finish))],
-        "usage": _usage(prepared.prompt_tokens, completion_tokens),
+        "choices": [{"index": i, "text": echoed[i] + t, "logprobs": legacy(i), "finish_reason": f}
+                    for i, (t, f) in enumerate(zip(result.texts, result.finish))],
+        "usage": _usage(prepared.prompt_tokens, result.completion_tokens),
     })

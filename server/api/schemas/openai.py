@@ -9,21 +9,14 @@ from pydantic_core import PydanticCustomError
 # OpenAI parameters we know but do not implement: accepted only at their "off" value, so a
 # client that sends one for real gets a clear 400 instead of a silently different answer.
 _UNSUPPORTED_UNLESS_OFF: dict[str, tuple] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
     "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
 }
 
@@ -40,6 +33,43 @@ class AdapterWeight(BaseModel):
 
 
 MergeStrategy = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # constrained either way: the output always validates
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """Extension (vLLM's name and fields): constrain the output to one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | bool | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = Field(None, min_length=1, description="a regular expression the whole output matches")
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, description="one of these")
+    grammar: str | None = Field(None, min_length=1, description="a Lark grammar (llguidance's dialect)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar")
+        return self
 
 
 class _Request(BaseModel):
@@ -68,6 +98,8 @@ class _Request(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     # Extension (as in vLLM): keep sampling past EOS up to max_tokens; for benchmarks.
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Extension: a weighted mix of LoRA adapters for this request (PEFT's add_weighted_adapter
     # semantics), built on the fly and cached by its recipe; `model` is then the base.
     adapters: list[AdapterWeight] | None = Field(None, min_length=1)
@@ -114,12 +146,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (an object)
+    strict: bool | None = None  # calls are constrained to the schema with tool_choice required or named
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    refusal: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -132,6 +205,11 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None  # each output token's logprob (raw: before penalties, masks, temperature)
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and this many most likely alternatives
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool | None = None  # default true: more than one call in an answer
 
     @model_validator(mode="after")
     def _one_max(self):
@@ -146,18 +224,26 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field()
+    # text, texts, token ids or lists of token ids (as OpenAI accepts, and lm-evaluation-harness sends)
+    prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]] = Field()
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy shape: the sampled token's and this many alternatives
+    echo: bool = False  # the prompt (and with logprobs, its tokens' logprobs) before the completion
 
     @field_validator("prompt")
     @classmethod
     def _non_empty_list(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must be a string, a non-empty list of strings, a non-empty list of token ids, "
+                             "or a non-empty list of non-empty lists of token ids")
         return v
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or as token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     @property
     def token_limit(self) -> int | None:
