@@ -30,6 +30,8 @@ runs the naive baseline in this process, and prints a table and writes JSON:
 (g) pick-up: this process registers a new version in the server's registry (as `hotpeft train` or
     another server does); time until the server answers a request naming that version
 (h) GET /metrics: render time with 200 more adapters registered, each with traffic
+(i) engine, N streams on the base, half of them constrained to a JSON schema (structured outputs)
+(j) engine, N streams on the base, each asking for the top 5 logprobs of every token
 
 --workload: adapter popularity identical / uniform / skewed (Zipf) / distinct over --adapters
 rank-8 LoRAs, open-loop arrivals (Poisson or Gamma with --cv) at --rate req/s or closed loop

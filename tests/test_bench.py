@@ -17,7 +17,7 @@ def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     sc = result["scenarios"]
-    for key in "abcde":
+    for key in "abcdeij":
         assert sc[key]["requests"] >= 1 and sc[key]["output_tokens"] > 0, (key, sc[key])
         assert sc[key]["ttft_p50_ms"] is not None
     assert sc["e"]["roofline_tok_s"] > 0 and sc["e"]["read_bandwidth_gb_s"] > 0
@@ -25,7 +25,7 @@ def test_bench_smoke_runs_every_scenario(tiny_dirs, tmp_path):
     assert len(sc["g"]["served_after_ms"]) == 2 and sc["g"]["max_ms"] > 0
     assert sc["h"]["adapters"] == 3 and sc["h"]["bytes"] > 0 and sc["h"]["p50_ms"] > 0
     assert set(result["results"]) == {"(c)/(b)", "(c)/(a)", "(e) of roofline", "(d)/(b)", "(f) ms", "(g) max ms",
-                                      "(h) p50 ms"}
+                                      "(h) p50 ms", "(i)/(b)", "(j)/(b)"}
     assert "| (c) engine, 8 LoRA + 2 soft |" in proc.stdout  # the printed table
 
 

@@ -205,7 +205,7 @@ class Walkthrough:
             where = f"README line {block.line}"
             with contextlib.redirect_stdout(out):
                 try:
-                    exec(compile(step.code, f"<README line {block.line}>", "exec"), self.namespace)
+                    exec(compile(step.code, f"<README line {block.line}>", "exec", dont_inherit=True), self.namespace)
                 except Exception as e:
                     raise AssertionError(f"{where}: `{step.code}` raised {e!r}\nserver log:\n{self.server_log()}") from e
             self.check(step, out.getvalue(), where)

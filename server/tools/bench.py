@@ -28,7 +28,11 @@ from hotpeft.server.tools.workload import (
 )
 
 TARGETS = {"(c)/(b)": 0.90, "(c)/(a)": 8.0, "(e) of roofline": 0.60, "(d)/(b)": 0.95, "(f) ms": 30.0,
-           "(g) max ms": 2000.0, "(h) p50 ms": 100.0}
+           "(g) max ms": 2000.0, "(h) p50 ms": 100.0, "(i)/(b)": 0.85, "(j)/(b)": 0.95}
+# (i): half the streams constrained to this schema (output as long as max_tokens allows); (j): every
+# stream asks for the top 5 logprobs of each token.
+NOTES_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+                "required": ["notes"]}
 
 
 # ---- scenarios (e)-(h) ---------------------------------------------------------------------------
@@ -171,13 +175,15 @@ def run(args: argparse.Namespace) -> dict:
         sc["e"] |= {"read_bandwidth_gb_s": round(bw / 1e9, 1), "roofline_tok_s": round(roofline, 1),
                     "of_roofline": round(sc["e"]["decode_tok_s"] / roofline, 3) if sc["e"]["decode_tok_s"] else None}
         # (b), (c), (d) in interleaved rounds: a machine whose speed drifts affects all three alike.
-        runs = {"b": ["base"] * n, "c": mix, "d": sets["single"] * n}
+        runs = {"b": ["base"] * n, "c": mix, "d": sets["single"] * n, "i": ["base"] * n, "j": ["base"] * n}
+        extras = {"i": [{"structured_outputs": {"json": NOTES_SCHEMA}} if k % 2 else None for k in range(n)],
+                  "j": [{"logprobs": 5}] * n}
         got = {k: ([], 0.0) for k in runs}
         for r in range(args.rounds):
             for key, models in runs.items():
                 print(f"({key}) round {r + 1}/{args.rounds}: {n} streams on {len(set(models))} model(s) ...", flush=True)
                 samples, wall = asyncio.run(drive_samples(server.url, models, args.duration / args.rounds,
-                                                          args.max_tokens))
+                                                          args.max_tokens, extras.get(key)))
                 got[key] = (got[key][0] + samples, got[key][1] + wall)
         for key, (samples, wall) in got.items():
             sc[key] = summarize(samples, wall)
@@ -197,6 +203,8 @@ def run(args: argparse.Namespace) -> dict:
         "(f) ms": sc["f"]["cold_minus_warm_ms"],
         "(g) max ms": sc["g"]["max_ms"],
         "(h) p50 ms": sc["h"]["p50_ms"],
+        "(i)/(b)": ratio(sc["i"]["tok_s"], sc["b"]["tok_s"]),
+        "(j)/(b)": ratio(sc["j"]["tok_s"], sc["b"]["tok_s"]),
     }
     result["targets"] = TARGETS
     shutil.rmtree(work, ignore_errors=True)  # kept only when a run fails, for its server log
@@ -207,7 +215,8 @@ def table(result: dict) -> str:
     sc = result["scenarios"]
     rows = ["| scenario | tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | requests |", "|---|---:|---:|---:|---:|"]
     names = {"a": "(a) naive generate + PEFT, serial", "b": "(b) engine, base", "c": "(c) engine, 8 LoRA + 2 soft",
-             "d": "(d) engine, one LoRA", "e": "(e) engine, one stream"}
+             "d": "(d) engine, one LoRA", "i": "(i) engine, base, half JSON-schema constrained",
+             "j": "(j) engine, base, top-5 logprobs", "e": "(e) engine, one stream"}
     f = lambda v: "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"  # noqa: E731
     for key, label in names.items():
         m = sc[key]

@@ -101,9 +101,10 @@ def summarize(samples: list[Sample], wall: float) -> dict:
             "itl_p50_ms": pct(itl, 50), "itl_p95_ms": pct(itl, 95)}
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Sample:
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                     extra: dict | None = None) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     s = Sample(time.perf_counter())
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -128,8 +129,10 @@ async def drive(url: str, models: list[str], duration: float, max_tokens: int) -
     return summarize(samples, wall)
 
 
-async def drive_samples(url: str, models: list[str], duration: float, max_tokens: int) -> tuple[list[Sample], float]:
-    """One client per entry of `models`, each sending requests back to back until `duration` has passed."""
+async def drive_samples(url: str, models: list[str], duration: float, max_tokens: int,
+                        extras: list[dict | None] | None = None) -> tuple[list[Sample], float]:
+    """One client per entry of `models`, each sending requests back to back until `duration` has passed;
+    `extras[i]`: more fields of client i's requests."""
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         t0 = time.perf_counter()
@@ -137,7 +140,8 @@ async def drive_samples(url: str, models: list[str], duration: float, max_tokens
         async def client_loop(i: int, model: str):
             k = 0
             while time.perf_counter() - t0 < duration:
-                samples.append(await stream_one(client, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens))
+                samples.append(await stream_one(client, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens,
+                                                extras[i] if extras else None))
                 k += 1
 
         await asyncio.gather(*(client_loop(i, m) for i, m in enumerate(models)))

@@ -120,8 +120,10 @@ class _Request(BaseModel):
                     raise PydanticCustomError(
                         "unsupported_parameter", "'{param}' is not supported by hotpeft (supported: model, "
                         "messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, seed, stop, stream, "
-                        "stream_options, presence_penalty, frequency_penalty, logit_bias; extensions: "
-                        "repetition_penalty, min_tokens, stop_token_ids, ignore_eos)", {"param": key})
+                        "stream_options, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, "
+                        "echo, response_format, tools, tool_choice, parallel_tool_calls; extensions: "
+                        "structured_outputs, repetition_penalty, min_tokens, stop_token_ids, ignore_eos)",
+                        {"param": key})
             data = {k: v for k, v in data.items() if k not in _UNSUPPORTED_UNLESS_OFF}
         return data
 
