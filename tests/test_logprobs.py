@@ -3,6 +3,8 @@ legacy shape and `echo`, for the base, a LoRA, a soft prompt and a mix, against 
 PEFT model's own logits."""
 from __future__ import annotations
 
+from collections import Counter
+
 import openai
 import pytest
 import torch
@@ -144,3 +146,21 @@ def test_bad_completion_logprobs_are_400s(client, body, param, words):
         client.completions.create(**{"model": "base", "prompt": "Hi", "max_tokens": 2, **body})
     err = e.value.body
     assert err["param"] == param and words in err["message"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "lora-attn", "soft"])
+def test_penalties_change_token_counts_as_defined(client, model):
+    """Positive presence/frequency penalties spread the output over more distinct tokens; a negative
+    frequency penalty makes it repeat. Tokens are told apart by their bytes (logprobs)."""
+    def counts(**extra) -> Counter:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=32,
+                                           temperature=0, logprobs=True, extra_body={"ignore_eos": True, **extra})
+        return Counter(tuple(t.bytes) for t in r.choices[0].logprobs.content)
+
+    plain = counts()
+    assert sum(plain.values()) == 32
+    assert len(counts(frequency_penalty=2.0)) > len(plain)
+    assert len(counts(presence_penalty=2.0)) > len(plain)
+    repeats = counts(frequency_penalty=-2.0)
+    assert len(repeats) < len(plain) and max(repeats.values()) > max(plain.values())
+    assert len(counts(presence_penalty=-2.0)) < len(plain)
