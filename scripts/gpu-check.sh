@@ -3,7 +3,7 @@
 # (prepare with scripts/gpu-wheels.sh on the CPU machine; the device tool carries .gpu):
 #   1. the CUDA tests (tests/test_cuda.py, tests/test_quantize.py -m cuda): engine == PEFT in float32
 #      (alone, mixed, prefix hit, preemption) and bfloat16, nf4 and int8 bases;
-#      and CUDA graphs against eager decode (same tokens);
+#      and CUDA graphs against eager decode (same tokens); logprob, grammar and penalty rows beside plain ones;
 #   2. hotpeft bench on synthetic:llama-3.1-8b (base, 8 mixed LoRAs + 2 soft prompts, one stream)
 #      writing JSON, with decode steps replayed from CUDA graphs (--compile on) and then, shorter,
 #      without them (--compile off).

@@ -12,7 +12,7 @@ HOME_DIR=${HOTPEFT_HOME:-$HOME/.hotpeft}
 [ "${1:-}" = "--home" ] && HOME_DIR=$2
 PY=.venv/bin/python
 PACKAGES="fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types
-typing-inspection SQLAlchemy greenlet python-multipart bitsandbytes openai jiter sniffio anyio"
+typing-inspection SQLAlchemy greenlet python-multipart bitsandbytes openai jiter sniffio anyio llguidance"
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/home
 for pkg in $PACKAGES; do
   version=$($PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$pkg")

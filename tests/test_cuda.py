@@ -143,3 +143,43 @@ def test_fixed_shape_decode_equals_peft_in_float32(tiny_dirs, tmp_path, prompts)
         assert got == [reference(tiny_dirs, a, p, 16, torch.float32) for a, p in zip(ADAPTERS, prompts)]
     finally:
         rt.engine.stop()
+
+
+def test_logprobs_grammar_and_penalty_rows_beside_plain_ones_on_the_gpu(tiny_dirs, tmp_path, prompts):
+    """float32 on CUDA, with decode steps captured: plain rows keep PEFT's tokens beside constrained,
+    logprob and penalized rows; logprobs equal log_softmax of PEFT's logits; the JSON parses."""
+    import json
+
+    from hotpeft.server.structured import from_schema
+
+    rt = runtime(tiny_dirs, tmp_path, "float32", compile="on")
+    try:
+        schema = from_schema({"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}},
+                              "required": ["a"], "additionalProperties": False}, "schema", 1 << 15)
+        plain = [make_request(rt, a, p, 12) for a, p in zip(ADAPTERS, prompts)]
+        asking = make_request(rt, "lora-attn", prompts[1], 12, logprobs=3)
+        others = [make_request(rt, "lora-mlp", prompts[2], 30, grammar=schema), asking,
+                  make_request(rt, "soft", prompts[3], 12, presence_penalty=1.0, frequency_penalty=0.5)]
+        events = []
+
+        async def collect(request):
+            async for ev in rt.engine.generate(request):
+                events.append((request.request_id, ev))
+
+        async def scenario():
+            return await asyncio.gather(*(_tokens(rt, r) for r in plain), *(collect(r) for r in others))
+
+        got = asyncio.run(scenario())[:len(plain)]
+        assert got == [reference(tiny_dirs, a, p, 12, torch.float32) for a, p in zip(ADAPTERS, prompts)]
+        constrained = [t for rid, ev in events if rid == others[0].request_id for t in ev.token_ids]
+        assert json.loads(rt.tokenizer.decode(constrained, skip_special_tokens=True))["a"] <= 99
+        entries = [e for rid, ev in events if rid == asking.request_id for e in ev.logprobs or []]
+        model = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"], dtype=torch.float32).to(CUDA)
+        model = PeftModel.from_pretrained(model, tiny_dirs["adapters"] / "lora-attn").to(CUDA)
+        ids = prompts[1] + [e[0] for e in entries]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids], device=CUDA)).logits[0].float(), -1)
+        for j, (token, lp, top) in enumerate(entries):
+            assert abs(lp - ref[len(prompts[1]) - 1 + j, token].item()) < 1e-3 and top[0][0] == token
+    finally:
+        rt.engine.stop()
