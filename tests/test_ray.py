@@ -55,6 +55,12 @@ def test_greedy_output_through_ray_equals_the_single_process_server(ray_server, 
     streamed = "".join(c.choices[0].text for c in stream if c.choices)
     whole = client.completions.create(model="lora-mlp", prompt="count", max_tokens=6, temperature=0)
     assert streamed == whole.choices[0].text
+    # logprobs, echo and a grammar cross to the replicas and back whole
+    kw = dict(model="soft", prompt="count", max_tokens=4, temperature=0, logprobs=2, echo=True,
+              extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    want, got = client.completions.create(**kw).choices[0], through_ray.completions.create(**kw).choices[0]
+    assert got.text == want.text and got.text[len("count"):].isdigit()
+    assert got.logprobs.token_logprobs == want.logprobs.token_logprobs and got.logprobs.top_logprobs[0] is None
 
 
 def test_requests_for_one_adapter_stay_on_one_replica(ray_server, extra_adapters):
