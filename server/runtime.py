@@ -41,6 +41,11 @@ class Runtime:
         return self.base.tokenizer
 
     @functools.cached_property
+    def eos_ids(self) -> set[int]:
+        """The token ids that end a generation (the engine's own set)."""
+        return eos_ids(self.base)
+
+    @functools.cached_property
     def token_text(self):
         """Token id -> (text, bytes), cached for the server's life (logprobs)."""
         return TokenText(self.tokenizer)

@@ -74,7 +74,7 @@ class TokenEvent:
     completion_tokens: int = 0
     error: BaseException | None = None  # set when the request failed inside the engine
     replica: str | None = None  # which engine replica produced it (Ray Serve); None in one process
-    # [token id, logprob, [[id, logprob], ...]] per token of `token_ids` that carries text (EOS not), when asked
+    # [token id, logprob, [[id, logprob], ...]] per token of `token_ids` (an EOS that ends the choice too), when asked
     logprobs: list | None = None
     # echo: [[token id, logprob or None, [[id, logprob], ...]], ...] for every prompt token, in the first event
     prompt_logprobs: list | None = None

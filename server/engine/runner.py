@@ -272,13 +272,14 @@ class StepRunner:
         s.generated += 1
         s.last_token = token
         s.ids.append(token)
-        finish, text, scored = None, "", None
+        finish, text = None, ""
+        # every sampled token's logprob, EOS too (lm-evaluation-harness reads the sampled token's entry)
+        scored = None if s.pending_logprob is None else [s.pending_logprob]
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         else:
             complete = s.matcher is not None and self.grammars.advance(s, token)
             text = s.detok.push(token)
-            scored = None if s.pending_logprob is None else [s.pending_logprob]
             if s.detok.stopped or complete:
                 finish = "stop"
             elif s.generated >= p.max_tokens:

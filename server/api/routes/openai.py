@@ -186,6 +186,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     fingerprint = rt.base.fingerprint.rsplit(":", 1)[-1]
     tokens = rt.token_text
     tools = prepared.tools if prepared.tools and prepared.tools.choice != "none" else None
+    # chat logprobs cover the message's tokens: not the EOS or stop token that ended it
+    enders = rt.eos_ids | set(prepared.params[0].stop_token_ids) if not body.ignore_eos else set(
+        prepared.params[0].stop_token_ids)
+
+    def content(entries: list) -> list[dict]:
+        return chat_content([e for e in entries if e[0] not in enders], tokens)
+
     if body.stream:
         calls = [ToolStream(tools.names) for _ in range(body.n)] if tools else None
 
@@ -201,7 +208,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                     rest = calls[i].finish()
                     delta = {"content": rest} if rest else {}
                     finish = "tool_calls" if calls[i].calls and finish == "stop" else finish
-            lp = {"content": chat_content(ev.logprobs, tokens), "refusal": None} if ev and ev.logprobs else None
+            lp = {"content": content(ev.logprobs), "refusal": None} if ev and ev.logprobs else None
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "system_fingerprint": fingerprint,
                     "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
@@ -230,7 +237,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         "system_fingerprint": fingerprint,
         "choices": [
             {"index": i, **_answer(t, f, tools),
-             "logprobs": {"content": chat_content(lp, tokens), "refusal": None} if body.logprobs else None}
+             "logprobs": {"content": content(lp), "refusal": None} if body.logprobs else None}
             for i, (t, f, lp) in enumerate(zip(result.texts, result.finish, result.logprobs))
         ],
         "usage": _usage(prepared.prompt_tokens, result.completion_tokens),
