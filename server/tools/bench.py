@@ -127,6 +127,21 @@ def read_bandwidth(device: torch.device) -> float:
     return best
 
 
+def interleaved(url: str, runs: dict[str, list[str]], args: argparse.Namespace) -> dict:
+    """(b), (c), (d), (i), (j) in interleaved rounds: a machine whose speed drifts affects all alike."""
+    n = args.clients
+    extras = {"i": [{"structured_outputs": {"json": NOTES_SCHEMA}} if k % 2 else None for k in range(n)],
+              "j": [{"logprobs": 5}] * n}
+    got = {k: ([], 0.0) for k in runs}
+    for r in range(args.rounds):
+        for key, models in runs.items():
+            print(f"({key}) round {r + 1}/{args.rounds}: {n} streams on {len(set(models))} model(s) ...", flush=True)
+            samples, wall = asyncio.run(drive_samples(url, models, args.duration / args.rounds, args.max_tokens,
+                                                      extras.get(key)))
+            got[key] = (got[key][0] + samples, got[key][1] + wall)
+    return {key: summarize(samples, wall) for key, (samples, wall) in got.items()}
+
+
 # ---- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     from transformers import AutoConfig
@@ -174,19 +189,8 @@ def run(args: argparse.Namespace) -> dict:
         roofline = bw / card["resident_bytes"]
         sc["e"] |= {"read_bandwidth_gb_s": round(bw / 1e9, 1), "roofline_tok_s": round(roofline, 1),
                     "of_roofline": round(sc["e"]["decode_tok_s"] / roofline, 3) if sc["e"]["decode_tok_s"] else None}
-        # (b), (c), (d) in interleaved rounds: a machine whose speed drifts affects all three alike.
         runs = {"b": ["base"] * n, "c": mix, "d": sets["single"] * n, "i": ["base"] * n, "j": ["base"] * n}
-        extras = {"i": [{"structured_outputs": {"json": NOTES_SCHEMA}} if k % 2 else None for k in range(n)],
-                  "j": [{"logprobs": 5}] * n}
-        got = {k: ([], 0.0) for k in runs}
-        for r in range(args.rounds):
-            for key, models in runs.items():
-                print(f"({key}) round {r + 1}/{args.rounds}: {n} streams on {len(set(models))} model(s) ...", flush=True)
-                samples, wall = asyncio.run(drive_samples(server.url, models, args.duration / args.rounds,
-                                                          args.max_tokens, extras.get(key)))
-                got[key] = (got[key][0] + samples, got[key][1] + wall)
-        for key, (samples, wall) in got.items():
-            sc[key] = summarize(samples, wall)
+        sc |= interleaved(server.url, runs, args)
     finally:
         server.stop()
     if is_synthetic(source.model_id):  # (a) reads weights with transformers; a synthetic base has none on disk
