@@ -15,10 +15,8 @@ way the server parses them (`parse_tool_calls`).
 from __future__ import annotations
 
 import json
-import re
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
 
 TOOL_PROMPT = (
     "You can call functions. To call one, answer with only\n"
@@ -89,19 +87,57 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, tem
                                          add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
 
 
+_DECODER = json.JSONDecoder()
+
+
+def block_at(text: str, start: int, final: bool = True) -> tuple[int, object] | None:
+    """The call block that opens at `start`: (its end, its JSON body, or None when the block is not
+    JSON); None when it is not finished yet (`final`: the text is whole, so it never will be).
+    Arguments may contain the closing tag inside a JSON string."""
+    j = start + len(CALL_OPEN)
+    close = text.find(CALL_CLOSE, j)
+    if close >= 0:
+        try:
+            return close + len(CALL_CLOSE), json.loads(text[j:close])
+        except json.JSONDecodeError:
+            pass
+    rest = len(text) - len(text[j:].lstrip())
+    try:
+        body, k = _DECODER.raw_decode(text, rest)
+    except json.JSONDecodeError as e:
+        if not final and (close < 0 or e.pos >= len(text) - 1 or e.msg.startswith("Unterminated")):
+            return None
+        return (close + len(CALL_CLOSE), None) if close >= 0 else None
+    k += len(text[k:]) - len(text[k:].lstrip())
+    if text.startswith(CALL_CLOSE, k):
+        return k + len(CALL_CLOSE), body
+    if not final and len(text) - k < len(CALL_CLOSE) and CALL_CLOSE.startswith(text[k:]):
+        return None
+    later = text.find(CALL_CLOSE, k)
+    return (later + len(CALL_CLOSE), None) if later >= 0 else None
+
+
+def as_call(body, names: set[str]) -> dict | None:
+    """{"name", "arguments": JSON text} when `body` calls a listed function with an object of arguments."""
+    if not isinstance(body, dict) or body.get("name") not in names or not isinstance(body.get("arguments", {}), dict):
+        return None
+    return {"name": body["name"], "arguments": json.dumps(body.get("arguments", {}), ensure_ascii=False)}
+
+
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
     """(content before the calls or None, [{"name", "arguments": JSON string}]) of a model's answer.
     A block that is not JSON, or names no listed function, stays in the text."""
-    calls, first = [], None
-    for m in _CALL.finditer(text):
-        try:
-            body = json.loads(m.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(body, dict) or body.get("name") not in names or not isinstance(body.get("arguments", {}), dict):
-            continue
-        calls.append({"name": body["name"], "arguments": json.dumps(body.get("arguments", {}), ensure_ascii=False)})
-        first = m.start() if first is None else first
+    calls, first, pos = [], None, 0
+    while (start := text.find(CALL_OPEN, pos)) >= 0:
+        found = block_at(text, start)
+        if found is None:
+            break
+        end, body = found
+        call = as_call(body, names)
+        if call is not None:
+            calls.append(call)
+            first = start if first is None else first
+        pos = end
     if not calls:
         return text, []
     content = text[:first].strip()

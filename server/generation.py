@@ -201,6 +201,7 @@ def prepare_completion(rt: Runtime, req: CompletionRequest, adapter: AdapterVers
     _check_common(rt, req, len(req.prompts))
     tok = rt.tokenizer
     vocab = rt.base.arch.vocab_size
+    grammar = grammar_for(req, rt.settings.max_schema_bytes)  # compiled once for every prompt
     prompts, params, texts = [], [], []
     for i, given in enumerate(req.prompts):
         param = "prompt" if len(req.prompts) == 1 else f"prompt.{i}"
@@ -219,7 +220,7 @@ def prepare_completion(rt: Runtime, req: CompletionRequest, adapter: AdapterVers
             ids = [tok.bos_token_id]
         prompts.append(ids)
         texts.append(text)
-        params.append(_params(rt, req, len(ids), _virtual_tokens(adapter)))
+        params.append(_params(rt, req, len(ids), _virtual_tokens(adapter), grammar))
     return Prepared(adapter, prompts, req.n, params, texts)
 
 

@@ -13,7 +13,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from hotpeft.model.chat import CALL_CLOSE, CALL_OPEN, call_grammar_schema, parse_tool_calls
+from hotpeft.model.chat import CALL_CLOSE, CALL_OPEN, as_call, block_at, call_grammar_schema
 from hotpeft.server.errors import InvalidRequest
 from hotpeft.server.structured import _checked, _sized, from_schema
 
@@ -26,6 +26,7 @@ class ToolPlan:
     names: set[str]
     choice: str  # none | auto | required | named
     grammar: str | None = None  # required / named: the calls' grammar
+    parallel: bool = True  # parallel_tool_calls: more than one call per answer
 
 
 def plan_tools(req, limit: int) -> ToolPlan | None:
@@ -44,11 +45,16 @@ def plan_tools(req, limit: int) -> ToolPlan | None:
     for i, t in enumerate(tools):
         params = t["function"].get("parameters")
         if params is not None:
+            if params.get("type", "object") != "object":
+                raise InvalidRequest(f"tools.{i}.function.parameters must be a JSON schema of an object (the "
+                                     f"arguments), not of type {params.get('type')!r}",
+                                     param=f"tools.{i}.function.parameters", code="invalid_value")
             from_schema(params, f"tools.{i}.function.parameters", limit)
+    parallel = req.parallel_tool_calls is not False
     if choice == "none":
         return ToolPlan([], set(), "none")
     if choice is None or choice == "auto":
-        return ToolPlan(tools, set(names), "auto")
+        return ToolPlan(tools, set(names), "auto", parallel=parallel)
     if choice != "required":
         if choice.function.name not in names:
             raise InvalidRequest(f"tool_choice names the function {choice.function.name!r}, which is not in tools "
@@ -60,12 +66,12 @@ def plan_tools(req, limit: int) -> ToolPlan | None:
         raise InvalidRequest("tool_choice required or a named function constrains the answer already: give no "
                              "response_format or structured_outputs with it", param="tool_choice")
     schema = {**call_grammar_schema(tools_called), "x-guidance": _NO_FREE_SPACE}
-    many = req.parallel_tool_calls is not False and choice == "required"
+    many = parallel and choice == "required"
     lark = (f"start: call{'+' if many else ''}\n"
             f"call: {json.dumps(CALL_OPEN)} %json {json.dumps(schema)} {json.dumps(CALL_CLOSE)}")
     from llguidance import LLMatcher
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools")
-    return ToolPlan(tools, set(names), "named" if choice != "required" else "required", grammar)
+    return ToolPlan(tools, set(names), "named" if choice != "required" else "required", grammar, parallel=many)
 
 
 def openai_calls(calls: list[dict], start: int = 0) -> list[dict]:
@@ -79,6 +85,7 @@ class ToolStream:
     start of a call is held back until it is one (or is not)."""
 
     names: set[str]
+    parallel: bool = True  # false: calls after the first are dropped
     held: str = ""
     calls: list[dict] = field(default_factory=list)
 
@@ -94,21 +101,21 @@ class ToolStream:
                 out += self._free(self.held[:len(self.held) - keep])
                 self.held = self.held[len(self.held) - keep:]
                 break
-            end = self.held.find(CALL_CLOSE, start)
-            if end < 0:  # inside a call: wait for its end
+            found = block_at(self.held, start, final=False)
+            if found is None:  # inside a call: wait for its end
                 out += self._free(self.held[:start])
                 self.held = self.held[start:]
                 break
+            end, body = found
             out += self._free(self.held[:start])
-            block = self.held[start:end + len(CALL_CLOSE)]
-            _, parsed = parse_tool_calls(block, self.names)
-            if parsed:
-                calls = openai_calls(parsed, len(self.calls))
+            call = as_call(body, self.names)
+            if call is not None and (self.parallel or not self.calls):
+                calls = openai_calls([call], len(self.calls))
                 self.calls += calls
                 new += calls
-            else:
-                out += self._free(block)
-            self.held = self.held[end + len(CALL_CLOSE):]
+            elif call is None:
+                out += self._free(self.held[start:end])
+            self.held = self.held[end:]
         return out, new
 
     def _free(self, text: str) -> str:

@@ -151,7 +151,7 @@ BAD_INPUTS = [
     ({**GOOD, "top_p": 0}, "top_p", "greater than 0"),
     ({**GOOD, "top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({**GOOD, "n": 5}, "n", "above this server's limit of 4"),
-    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "'tools' is not supported"),
+    ({**GOOD, "functions": [{"name": "f"}]}, "functions", "'functions' is not supported"),
     ({**GOOD, "audio": {"voice": "alloy"}}, "audio", "'audio' is not supported"),
     ({**GOOD, "frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
     ({**GOOD, "stop": ["a"] * 20}, "stop", "limit is 8"),

@@ -109,6 +109,15 @@ def test_echo_with_a_completion_and_prompt_lists(client):
             assert max(lp.top_logprobs[j], key=lp.top_logprobs[j].get) == lp.tokens[j]
 
 
+def test_text_offset_counts_characters_of_the_text(client):
+    """A character of several bytes (several byte-level tokens) moves text_offset by one."""
+    text = "héllo wörld"
+    r = client.completions.create(model="base", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == text and len(lp.tokens) == len(text.encode())
+    assert lp.text_offset[:3] == [0, 1, 1] and lp.text_offset[-1] == len(text) - 1  # "h", "é" (2 bytes), "l"
+
+
 def test_streamed_logprobs_equal_the_whole_answer(client):
     kw = dict(model="soft", messages=MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
     whole = client.chat.completions.create(**kw).choices[0].logprobs.content

@@ -123,6 +123,15 @@ def test_stream_splitting_equals_parsing_the_whole_text():
         assert [c["index"] for c in got] == [0, 1]
     assert parse_tool_calls("no calls <tool_call>oops</tool_call>", {"f"}) == ("no calls <tool_call>oops</tool_call>",
                                                                                [])
+    # the closing tag inside an argument's string does not end the call, whole or streamed
+    tricky = '<tool_call>{"name": "f", "arguments": {"s": "a</tool_call>b"}}</tool_call>'
+    assert parse_tool_calls(tricky, {"f"}) == (None, [{"name": "f", "arguments": '{"s": "a</tool_call>b"}'}])
+    stream = ToolStream({"f"})
+    got = [c for ch in tricky for c in stream.feed(ch)[1]]
+    assert [c["function"]["arguments"] for c in got] == ['{"s": "a</tool_call>b"}'] and stream.finish() == ""
+    # parallel_tool_calls false: the first call only
+    stream = ToolStream({"f", "g"}, parallel=False)
+    assert [c["function"]["name"] for c in stream.feed(text)[1]] == ["f"]
 
 
 BAD = [
@@ -130,7 +139,9 @@ BAD = [
      "not in tools"),
     ({"tool_choice": "required"}, "tool_choice", "requires tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
-     "tools.0.function.parameters", "Invalid type"),
+     "tools.0.function.parameters", "schema of an object"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}]}, "tools.0.function.parameters", "Invalid type"),
     ({"tools": [WEATHER, WEATHER]}, "tools", "given twice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",

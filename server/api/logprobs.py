@@ -34,12 +34,13 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)  # not part of the returned text
         self.lookup = lru_cache(maxsize=65536)(self._lookup)
 
     def _lookup(self, token_id: int) -> tuple[str, list[int]]:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
         if isinstance(piece, str) and piece and all(c in _BYTE_OF for c in piece) \
-                and token_id not in self.tokenizer.all_special_ids:
+                and token_id not in self.special:
             raw = bytes(_BYTE_OF[c] for c in piece)
         else:
             raw = self.tokenizer.decode([token_id]).encode("utf-8")
@@ -62,17 +63,22 @@ def chat_content(entries: list, text: TokenText) -> list[dict]:
 
 
 class Legacy:
-    """The completions shape, grown event by event; `text_offset` counts characters of the
-    returned text (the prompt's too, with echo)."""
+    """The completions shape, grown event by event. `text_offset` is each token's offset in characters
+    of the returned text (the prompt's too, with echo): counted on the decoded bytes so far, so a token
+    that is part of a character or a special token (not in the text) moves it by what the text shows."""
 
-    def __init__(self, text: TokenText, offset: int = 0):
+    def __init__(self, text: TokenText, offset: int = 0, raw: bytes = b""):
         self.text = text
-        self.offset = offset
+        self.base, self.raw = offset, bytearray(raw)
         self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+
+    @property
+    def offset(self) -> int:
+        return self.base + len(self.raw.decode("utf-8", errors="ignore"))
 
     def add(self, entries: list) -> Legacy:
         for token, lp, top in entries:
-            s, _ = self.text.lookup(token)
+            s, raw = self.text.lookup(token)
             self.tokens.append(s)
             self.token_logprobs.append(lp)
             if lp is None:  # the prompt's first token: nothing before it to condition on
@@ -82,7 +88,8 @@ class Legacy:
                 alts.setdefault(s, lp)
                 self.top_logprobs.append(alts)
             self.text_offset.append(self.offset)
-            self.offset += len(s)
+            if token not in self.text.special:
+                self.raw += bytes(raw)
         return self
 
     def body(self) -> dict:

@@ -63,6 +63,7 @@ class GenerationRequest:
     adapter: AdapterVersion | None = None  # None: the bare base
     request_id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)  # for the queue-wait metric
+    compiled: object | None = field(default=None, repr=False, compare=False)  # the engine's grammar matcher
 
 
 @dataclass

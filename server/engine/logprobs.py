@@ -27,6 +27,11 @@ class PromptScores:
     k: int  # alternatives per scored token (the largest any of these rows asks)
 
 
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def _top(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k == 0:
         empty = lp.new_zeros((lp.shape[0], 0))
@@ -44,7 +49,7 @@ def pack(raw: torch.Tensor, tokens: torch.Tensor, rows: list, score_logits: torc
     parts = [tokens.double()]
     if asking:
         k = max(rows[i].request.params.logprobs for i in asking)
-        at = torch.tensor(asking, device=raw.device) if len(asking) < len(rows) else None
+        at = _upload(asking, raw.device) if len(asking) < len(rows) else None
         lp = torch.log_softmax((raw if at is None else raw[at]).float(), dim=-1)  # (L, V)
         chosen = lp.gather(1, (tokens if at is None else tokens[at]).unsqueeze(1)).squeeze(1)
         values, ids = _top(lp, k)
@@ -99,9 +104,8 @@ def score_plan(rows: list, takes: list[int]) -> tuple[list[int], list[int], list
     start = 0
     for s, take in zip(rows, takes):
         if not s.decoding and s.request.params.prompt_logprobs is not None and not s.prompt_scored:
-            virtual = sum(1 for t in s.ids[:s.prompt_len] if t < 0)
-            last = virtual + len(s.request.prompt_ids) - 1  # the last prompt position predicts the output
-            lo, hi = max(s.prefilled, virtual), min(s.prefilled + take, last)
+            last = s.virtual + len(s.request.prompt_ids) - 1  # the last prompt position predicts the output
+            lo, hi = max(s.prefilled, s.virtual), min(s.prefilled + take, last)
             if hi > lo:
                 index += range(start + lo - s.prefilled, start + hi - s.prefilled)
                 targets += s.ids[lo + 1:hi + 1]

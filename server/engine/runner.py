@@ -30,6 +30,7 @@ from hotpeft.server.engine.processors import process
 from hotpeft.server.engine.sampling import make_generator, sample
 
 log = logging.getLogger("hotpeft.engine")
+ECHO_CHUNK = 512  # most prompt positions an echo row scores in one step (each one's logits are kept)
 
 
 @dataclass(eq=False)
@@ -56,6 +57,7 @@ class Sequence:
     prompt_lp: list = field(default_factory=list)  # echo: the prompt tokens scored so far
     prompt_scored: bool = False  # echo: every prompt token scored (set when its prefill ends)
     matcher: object | None = None  # llguidance LLMatcher of a row with a grammar
+    virtual: int = 0  # soft-prompt positions before the prompt
 
     @property
     def decoding(self) -> bool:
@@ -107,7 +109,7 @@ class StepRunner:
         return Sequence(request, sink, adapter_id, lora_key, embeds, embeds.shape[0],
                         IncrementalText(self.tokenizer, list(p.stop)), make_generator(p.seed),
                         kv_key="base" if adapter is None else adapter.key,
-                        ids=list(range(-n_virtual, 0)) + list(request.prompt_ids))
+                        ids=list(range(-n_virtual, 0)) + list(request.prompt_ids), virtual=n_virtual)
 
     def resume_embeds(self, s: Sequence) -> torch.Tensor:
         """A preempted row's prefill: its prompt and what it generated, recomputed into fresh blocks."""
@@ -139,6 +141,8 @@ class StepRunner:
         out = []
         for s in rows:
             take = 1 if s.decoding else min(s.prompt_len - s.prefilled, max(1, budget))  # every row moves
+            if not s.decoding and s.request.params.prompt_logprobs is not None and not s.prompt_scored:
+                take = min(take, ECHO_CHUNK)  # each scored position holds a row of logits this step
             if not s.decoding:
                 budget -= take
             out.append(take)
@@ -273,6 +277,8 @@ class StepRunner:
         s.last_token = token
         s.ids.append(token)
         finish, text = None, ""
+        if s.matcher is not None and s.matcher.is_error():  # never an EOS that hides a broken grammar as "stop"
+            raise RuntimeError(f"the grammar engine failed: {s.matcher.get_error()}")
         # every sampled token's logprob, EOS too (lm-evaluation-harness reads the sampled token's entry)
         scored = None if s.pending_logprob is None else [s.pending_logprob]
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:

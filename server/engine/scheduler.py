@@ -266,7 +266,7 @@ class BatchEngine(Engine):
         adapter, lora_key = request.adapter, None
         try:
             embeds = self.runner.prompt_embeds(request)
-            matcher = self.runner.grammars.matcher(request.params.grammar) if request.params.grammar else None
+            matcher = self.runner.grammars.matcher(request) if request.params.grammar else None
             if adapter is not None and adapter.kind == "lora":
                 if not self.tier.ensure(adapter, self._loras_in_use()):
                     return False

@@ -73,7 +73,7 @@ async def _open(rt: Runtime, endpoint: str, body, prepare) -> tuple[RequestTrack
     try:
         adapter = await resolve_adapter(rt, body)
         tracker.resolved(adapter)
-        prepared = prepare(rt, body, adapter)
+        prepared = await asyncio.to_thread(prepare, rt, body, adapter)  # templates, tokens, grammars: off the loop
         return tracker, prepared, open_choices(rt, prepared)
     except Exception as e:
         tracker.failed(e)
@@ -194,7 +194,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         return chat_content([e for e in entries if e[0] not in enders], tokens)
 
     if body.stream:
-        calls = [ToolStream(tools.names) for _ in range(body.n)] if tools else None
+        calls = [ToolStream(tools.names, tools.parallel) for _ in range(body.n)] if tools else None
 
         def chunk(i, text, finish, ev=None):
             delta = {"content": text} if finish is None else {}
@@ -208,7 +208,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                     rest = calls[i].finish()
                     delta = {"content": rest} if rest else {}
                     finish = "tool_calls" if calls[i].calls and finish == "stop" else finish
-            lp = {"content": content(ev.logprobs), "refusal": None} if ev and ev.logprobs else None
+            shown = content(ev.logprobs) if ev and ev.logprobs else None
+            lp = {"content": shown, "refusal": None} if shown else None
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "system_fingerprint": fingerprint,
                     "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
@@ -249,6 +250,7 @@ def _answer(text: str, finish: str | None, tools: ToolPlan | None) -> dict:
     if tools is None:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
     content, calls = parse_tool_calls(text, tools.names)
+    calls = calls if tools.parallel else calls[:1]
     if not calls:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
     calls = [{k: v for k, v in c.items() if k != "index"} for c in openai_calls(calls)]  # index: stream deltas only
@@ -265,7 +267,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
     tokens = rt.token_text
     echoed = [prepared.texts[i // body.n] if body.echo else "" for i in range(n_choices)]
     if body.stream:
-        offsets = [0] * n_choices  # characters sent so far per choice (text_offset)
+        offsets = [(0, b"")] * n_choices  # per choice, what text_offset counts from
         sent_echo = [False] * n_choices
 
         def chunk(i, text, finish, ev=None):
@@ -274,8 +276,8 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep)
                 sent_echo[i] = True
                 text = echoed[i] + text
             if ev is not None and body.logprobs is not None:
-                legacy = Legacy(tokens, offsets[i]).add(ev.prompt_logprobs or []).add(ev.logprobs or [])
-                offsets[i] = legacy.offset
+                legacy = Legacy(tokens, *offsets[i]).add(ev.prompt_logprobs or []).add(ev.logprobs or [])
+                offsets[i] = (legacy.base, legacy.raw)  # a character split across events is counted once whole
                 lp = legacy.body()
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
