@@ -22,7 +22,7 @@ import time
 import typing
 from pathlib import Path
 
-from hotpeft.trainer.config import TrainConfig, flag, parse_min_improvement
+from hotpeft.trainer.config import GENERATION_METRICS, TrainConfig, check_metrics, flag, parse_min_improvement
 from hotpeft.trainer.demo import SUMMARY_TEMPLATE, write_demo
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, InsufficientImprovement, TrainerError
@@ -61,7 +61,8 @@ def add_parsers(sub) -> None:
         help_text = docs.get(f.name, "").replace("%", "%%")
         if f.name == "min_improvement":
             t.add_argument(flag(f.name), dest=f.name, action="append", default=None, metavar="METRIC=DELTA",
-                           help=help_text + " (repeatable; metrics: loss, rouge1, rouge2, rougeL, exact_match)")
+                           help=help_text + " (repeatable; metrics: loss, rouge1, rouge2, rougeL, bleu, chrf, "
+                                                   "exact_match)")
         elif hints[f.name] is bool:
             t.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=help_text)
         else:
@@ -71,7 +72,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="compare the base and registered adapters on a JSONL file",
-                       description="Held-out loss, ROUGE-1/2/L and exact match of the base and each --adapter, "
+                       description="Held-out loss, ROUGE-1/2/L, BLEU, chrF and exact match of the base and each --adapter, "
                                    "side by side. Every example of --data is evaluated.")
     e.add_argument("--adapter", action="append", required=True, help="adapter name or name@N (repeatable)")
     e.add_argument("--data", required=True, type=Path, help="JSONL to evaluate on")
@@ -79,6 +80,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--limit", type=int, default=200, help="examples generated from for ROUGE / exact match")
     e.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per example")
     e.add_argument("--max-length", type=int, default=1024, help="tokens per example for the loss")
+    e.add_argument("--metrics", default=",".join(GENERATION_METRICS), help=docs["metrics"])
     e.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none", help="precision of the base")
     _add_env_flags(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
@@ -117,7 +119,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
             continue
         if f.name == "min_improvement":
             values[f.name] = parse_min_improvement(raw)
-        elif f.name == "target_modules":
+        elif f.name in ("target_modules", "metrics"):
             values[f.name] = [m.strip() for m in raw.split(",") if m.strip()]
         elif hints[f.name] is bool:
             values[f.name] = True
@@ -217,12 +219,13 @@ def eval_main(args: argparse.Namespace) -> int:
     bar = _Progress(not args.no_progress)
     try:
         env = _env(args)
+        metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
         print(f"loading the base and evaluating it and {len(args.adapter)} adapter(s) on {args.data}", file=sys.stderr)
         try:
             table, metrics = evaluate_adapters(env, args.adapter, args.data, template=unescape(args.template),
                                                limit=args.limit, max_new_tokens=args.max_new_tokens,
                                                max_length=args.max_length, quantize=args.quantize,
-                                               progress=bar.evaluate)
+                                               progress=bar.evaluate, metrics=metrics)
         finally:
             bar.close()
     except TrainerError as e:

@@ -5,7 +5,7 @@ import torch
 
 import tiny
 from hotpeft.trainer.data import IGNORE, Encoded
-from hotpeft.trainer.evaluate import generate, held_out_loss
+from hotpeft.trainer.evaluate import generate, held_out_loss, score
 
 
 def _examples(n: int, seed: int = 0) -> list[Encoded]:
@@ -40,3 +40,15 @@ def test_batched_generation_equals_one_prompt_at_a_time_in_the_input_order():
              for p in prompts]
     assert generate(model, tok, prompts, max_new_tokens=6, eos_ids=[2], pad=0, device=torch.device("cpu"),
                     batch_size=4) == alone
+
+
+def test_bleu_and_chrf_are_sacrebleus_corpus_scores():
+    import sacrebleu
+
+    refs = ["the cat sat on the mat", "a quick brown fox jumps", "hello world", "tea is served at five"]
+    preds = ["the cat sat on a mat", "a quick fox jumped", "hello world", "coffee at five"]
+    got = score(preds, refs, ("bleu", "chrf", "exact_match"))
+    assert got["bleu"] == sacrebleu.corpus_bleu(preds, [refs]).score
+    assert got["chrf"] == sacrebleu.corpus_chrf(preds, [refs]).score
+    assert 0 < got["bleu"] < 100 and got["exact_match"] == 0.25 and "rouge1" not in got
+    assert set(got["signatures"]) == {"bleu", "chrf"}

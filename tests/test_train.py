@@ -104,13 +104,19 @@ def test_eval_compares_base_and_adapters_side_by_side(trainer_server, tiny_dirs,
     columns = json.loads(done.stdout)
     assert list(columns) == ["base", f"{lora}@1", f"{qlora}@1"]
     for col in columns.values():
-        assert {"loss", "rouge1", "rouge2", "rougeL", "exact_match"} <= set(col) and col["examples"] == 8
+        assert {"loss", "rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match"} <= set(col) and col["examples"] == 8
+        assert col["signatures"]["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert columns[f"{lora}@1"]["loss"] < columns["base"]["loss"]
     table = hotpeft("eval", "--model", str(tiny_dirs["base"]), "--home", str(trainer_server.home), "--adapter", lora,
-                    "--data", str(word_data["pairs_valid"]), "--max-new-tokens", "4")
+                    "--data", str(word_data["pairs_valid"]), "--max-new-tokens", "4", "--metrics", "bleu,chrf")
     # a bare name is the active version: version 2, trained above
     assert table.returncode == 0 and "held-out loss" in table.stdout and f"{lora}@2" in table.stdout
     assert "evaluating base: 100%" in table.stderr and f"evaluating {lora}@2: 100%" in table.stderr
+    assert "BLEU signature: nrefs:1|" in table.stdout and "chrF signature: nrefs:1|" in table.stdout
+    assert "ROUGE-1" not in table.stdout  # --metrics picks what is computed
+    bad = hotpeft("eval", "--model", str(tiny_dirs["base"]), "--home", str(trainer_server.home), "--adapter", lora,
+                  "--data", str(word_data["pairs_valid"]), "--metrics", "bleu,meteor")
+    assert bad.returncode == 2 and "--metrics: unknown metric(s) 'meteor'" in bad.stderr
 
 
 def test_min_improvement_refuses_to_register(trainer_server, tiny_dirs, word_data):
@@ -127,7 +133,9 @@ def test_min_improvement_refuses_to_register(trainer_server, tiny_dirs, word_dat
     (["--learning-rate", "abc"], "--learning-rate must be a number"),
     (["--method", "full"], "--method must be one of lora, qlora, prompt_tuning"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such directory"),
-    (["--min-improvement", "bleu=1"], "unknown metric 'bleu'"),
+    (["--min-improvement", "bertscore=1"], "unknown metric 'bertscore'"),
+    (["--metrics", "rougeL,bogus"], "--metrics: unknown metric(s) 'bogus'; choose from rouge1, rouge2, rougeL, bleu"),
+    (["--metrics", "rougeL", "--min-improvement", "bleu=1"], "bleu is not computed; add it to --metrics"),
 ])
 def test_bad_options_exit_2_naming_the_flag(trainer_server, tiny_dirs, word_data, extra, match):
     done = train(trainer_server, tiny_dirs, word_data["pairs"], "bad-options", *extra)

@@ -17,7 +17,8 @@ from hotpeft.trainer.errors import ConfigInvalid
 METHODS = ("lora", "qlora", "prompt_tuning")
 ALL_LINEAR = list(PROJECTIONS)  # the projections the engine serves LoRA on
 # Lower is better for loss; higher for the others. Improvement = how much the adapter beats the base.
-METRICS = {"loss": -1, "rouge1": 1, "rouge2": 1, "rougeL": 1, "exact_match": 1}
+METRICS = {"loss": -1, "rouge1": 1, "rouge2": 1, "rougeL": 1, "bleu": 1, "chrf": 1, "exact_match": 1}
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")  # loss is always computed
 # LoRA: 2e-4 is the usual large-model figure; on a 135M model with a few hundred examples 1e-3
 # converges in one or two epochs (BENCHMARKS.md). Prompt tuning needs a far larger rate (Lester et
 # al. used 0.3 with Adafactor); 3e-2 with AdamW is stable here.
@@ -76,6 +77,8 @@ class TrainConfig:
     """Tokens generated per held-out example for ROUGE and exact match."""
     eval_limit: int = 200
     """Held-out examples used for the generation metrics (loss uses all of them)."""
+    metrics: list[str] = field(default_factory=lambda: list(GENERATION_METRICS))
+    """Generation metrics of the evaluation: rouge1, rouge2, rougeL, bleu, chrf, exact_match (loss always)."""
     min_improvement: dict[str, float] = field(default_factory=dict)
     """METRIC=DELTA: register only if the adapter beats the base by DELTA on METRIC."""
     description: str = ""
@@ -132,7 +135,11 @@ class TrainConfig:
         self._range("validation_fraction", 0.01, 0.5)
         self._range("eval_max_new_tokens", 1, 1024)
         self._range("eval_limit", 1, 100_000)
+        check_metrics(self.metrics)
         for metric, delta in self.min_improvement.items():
+            if metric != "loss" and metric in METRICS and metric not in self.metrics:
+                raise ConfigInvalid("min_improvement", f"{flag('min_improvement')} {metric}: {metric} is not "
+                                                       f"computed; add it to {flag('metrics')}")
             if metric not in METRICS:
                 raise ConfigInvalid("min_improvement", f"{flag('min_improvement')}: unknown metric {metric!r}; one of "
                                                        f"{', '.join(METRICS)}")
@@ -165,6 +172,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+
+def check_metrics(metrics: list[str], name: str = "metrics") -> list[str]:
+    """Known generation metric names, at least one; ConfigInvalid naming the flag otherwise."""
+    if not isinstance(metrics, list) or not metrics or any(m not in GENERATION_METRICS for m in metrics):
+        bad = [m for m in metrics if m not in GENERATION_METRICS] if isinstance(metrics, list) else [metrics]
+        raise ConfigInvalid(name, f"{flag(name)}: unknown metric(s) {', '.join(map(repr, bad)) or '(none given)'}; "
+                                  f"choose from {', '.join(GENERATION_METRICS)}")
+    return metrics
 
 
 def parse_min_improvement(items: list[str]) -> dict[str, float]:

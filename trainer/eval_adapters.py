@@ -10,7 +10,7 @@ from hotpeft.adapters.errors import AdapterError
 from hotpeft.model.load import eos_ids, load_base
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid
-from hotpeft.trainer.evaluate import evaluate, format_table
+from hotpeft.trainer.evaluate import GEN_METRICS, evaluate, format_table
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.pipeline import open_catalog, resolve_base, torch_device
 from hotpeft.trainer.train import compute_dtype, pad_id
@@ -18,7 +18,8 @@ from hotpeft.trainer.train import compute_dtype, pad_id
 
 def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, template: str | None, limit: int,
                       max_new_tokens: int, max_length: int, quantize: str = "none",
-                      progress: Callable[[str, int, int], None] = lambda label, done, total: None) -> tuple[str, dict]:
+                      progress: Callable[[str, int, int], None] = lambda label, done, total: None,
+                      metrics=GEN_METRICS) -> tuple[str, dict]:
     """The base and each adapter on every example of `path`; `progress(label, done, total)` per batch."""
     from peft import PeftModel
 
@@ -47,7 +48,7 @@ def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, templ
     finally:
         catalog.close()
     common = dict(device=device, eos_ids=sorted(eos_ids(base)), pad=pad_id(base.tokenizer),
-                  max_new_tokens=max_new_tokens, limit=limit)
+                  max_new_tokens=max_new_tokens, limit=limit, metrics=metrics)
     base_label = "base" + ("" if base.quantization == "none" else f" ({base.quantization})")
     columns = {base_label: evaluate(base.model, base.tokenizer, examples, **common,
                                     progress=lambda done, total: progress(base_label, done, total))}

@@ -1,5 +1,7 @@
 """Held-out evaluation: loss on the completion tokens, and greedy generations scored with ROUGE-1/2/L
-(the rouge-score package) and exact match. The same code scores the base and every adapter.
+(the rouge-score package; for summaries), corpus BLEU and chrF (sacrebleu, with the signature that
+says how they were computed; for translation-like tasks) and exact match. The same code scores the
+base and every adapter.
 
     hotpeft eval --adapter NAME [--adapter OTHER ...] --data FILE   (see hotpeft/cli/train.py)
 """
@@ -15,7 +17,7 @@ from hotpeft.trainer.config import METRICS
 from hotpeft.trainer.data import IGNORE, Encoded
 from hotpeft.trainer.errors import JobCancelled
 
-GEN_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match")
+GEN_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
 # (examples done, examples in all) after each batch: the loss pass and the generation pass together
 EvalProgress = Callable[[int, int], None]
 
@@ -97,24 +99,41 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return texts
 
 
-def score(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    sums = dict.fromkeys(GEN_METRICS, 0.0)
-    for pred, ref in zip(predictions, references):
-        s = scorer.score(ref, pred)
-        for k in ("rouge1", "rouge2", "rougeL"):
-            sums[k] += s[k].fmeasure
-        sums["exact_match"] += float(normalize(pred) == normalize(ref))
+def score(predictions: list[str], references: list[str], metrics=GEN_METRICS) -> dict:
+    """The generation `metrics` of `predictions` against `references` (one reference each); BLEU and
+    chrF on sacrebleu's 0-100 scale, their signatures under "signatures"."""
+    out: dict = {}
     n = max(1, len(predictions))
-    return {k: v / n for k, v in sums.items()}
+    rouge = [k for k in ("rouge1", "rouge2", "rougeL") if k in metrics]
+    if rouge:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(rouge, use_stemmer=True)
+        sums = dict.fromkeys(rouge, 0.0)
+        for pred, ref in zip(predictions, references):
+            s = scorer.score(ref, pred)
+            for k in rouge:
+                sums[k] += s[k].fmeasure
+        out |= {k: v / n for k, v in sums.items()}
+    signatures = {}
+    for key in ("bleu", "chrf"):
+        if key in metrics:
+            from sacrebleu.metrics import BLEU, CHRF
+
+            metric = BLEU() if key == "bleu" else CHRF()
+            out[key] = metric.corpus_score(predictions, [references]).score
+            signatures[key] = metric.get_signature().format()
+    if "exact_match" in metrics:
+        out["exact_match"] = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n
+    if signatures:
+        out["signatures"] = signatures
+    return out
 
 
 def evaluate(model, tokenizer, examples: list[Encoded], *, device: torch.device, eos_ids: list[int], pad: int,
              max_new_tokens: int, limit: int, should_stop: Callable[[], bool] = lambda: False,
-             progress: EvalProgress = lambda done, total: None) -> dict:
-    """{"loss", "rouge1", "rouge2", "rougeL", "exact_match", "examples", "generated", "samples"}."""
+             progress: EvalProgress = lambda done, total: None, metrics=GEN_METRICS) -> dict:
+    """{"loss", the generation `metrics`, "signatures", "examples", "generated", "samples"}."""
     model.eval()
     subset = examples[:limit]
     done, total = [0], len(examples) + len(subset)
@@ -128,9 +147,9 @@ def evaluate(model, tokenizer, examples: list[Encoded], *, device: torch.device,
     preds = generate(model, tokenizer, [e.prompt_ids for e in subset], max_new_tokens=max_new_tokens,
                      eos_ids=eos_ids, pad=pad, device=device, should_stop=should_stop, on_batch=on_batch)
     refs = [e.reference for e in subset]
-    metrics = {"loss": loss, **score(preds, refs), "examples": len(examples), "generated": len(subset)}
-    metrics["samples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]
-    return metrics
+    out = {"loss": loss, **score(preds, refs, metrics), "examples": len(examples), "generated": len(subset)}
+    out["samples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]
+    return out
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -139,6 +158,8 @@ ROWS = [
     ("rouge1", "ROUGE-1", "{:.4f}"),
     ("rouge2", "ROUGE-2", "{:.4f}"),
     ("rougeL", "ROUGE-L", "{:.4f}"),
+    ("bleu", "BLEU", "{:.2f}"),
+    ("chrf", "chrF", "{:.2f}"),
     ("exact_match", "exact match", "{:.4f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_percent", "trainable %", "{:.3f}"),
@@ -160,6 +181,9 @@ def format_table(columns: dict[str, dict]) -> str:
     lines.append("  ".join(["-" * first] + ["-" * w for w in widths]))
     for label, cells in rows:
         lines.append("  ".join([label.ljust(first)] + [cell.rjust(w) for cell, w in zip(cells, widths)]))
+    signatures = next((columns[c]["signatures"] for c in names if columns[c].get("signatures")), {})
+    for key, signature in signatures.items():
+        lines.append(f"{'BLEU' if key == 'bleu' else 'chrF'} signature: {signature}")
     return "\n".join(lines)
 
 

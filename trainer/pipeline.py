@@ -109,7 +109,7 @@ def run_training(cfg: TrainConfig, train_path: Path, valid_path: Path | None, en
                None)
         eos = sorted(eos_ids(base))
         common = dict(device=device, eos_ids=eos, pad=pad_id(tok), max_new_tokens=cfg.eval_max_new_tokens,
-                      limit=cfg.eval_limit, should_stop=should_stop)
+                      limit=cfg.eval_limit, should_stop=should_stop, metrics=cfg.metrics)
         events(f"Evaluating the base and the adapter on {len(prepared.valid)} held-out examples", None)
         with peft_model.disable_adapter():
             base_metrics = evaluate(peft_model, tok, prepared.valid, **common,
