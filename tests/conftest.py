@@ -61,6 +61,16 @@ def client(tiny_server):
 
 
 @pytest.fixture(scope="session")
+def tool_lora(tmp_path_factory):
+    """(base folder with a 1,024-token context, a LoRA trained on it to call get_weather): tool_adapter.py."""
+    from tool_adapter import train_tool_adapter
+
+    root = tmp_path_factory.mktemp("tool-lora")
+    base = tiny.save_tiny_model(root / tiny.TINY_ID, max_positions=1024)
+    return base, train_tool_adapter(base, root / "tool-weather")
+
+
+@pytest.fixture(scope="session")
 def model_home(tmp_path_factory):
     """One home for the real default model: it is converted from the GGUF once per test session."""
     return tmp_path_factory.mktemp("real-home")

@@ -3,11 +3,11 @@ parallel calls, `none`, history with calls and tool results, streaming deltas, b
 from __future__ import annotations
 
 import json
+import shutil
 
 import openai
 import pytest
 
-import tiny
 from conftest import ServerProcess
 from hotpeft.model.chat import parse_tool_calls
 from hotpeft.server.toolcalls import ToolStream
@@ -25,12 +25,16 @@ MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def client(tiny_dirs, tmp_path_factory):
-    """The tiny model with room for a tool prompt (2,048 positions; the same weights, so the same adapters)."""
+def client(tiny_dirs, tool_lora, tmp_path_factory):
+    """The tiny model with room for a tool prompt (1,024 positions; the same weights, so the same adapters),
+    the test adapters and `tool-weather`, a LoRA trained to call get_weather (tool_adapter.py)."""
     from openai import OpenAI
 
-    base = tiny.save_tiny_model(tmp_path_factory.mktemp("long") / tiny.TINY_ID, max_positions=2048)
-    server = ServerProcess(["--model", str(base), "--adapters-dir", str(tiny_dirs["adapters"]), "--dtype", "float32"],
+    base, trained = tool_lora
+    adapters = tmp_path_factory.mktemp("tool-adapters")
+    for folder in [*tiny_dirs["adapters"].iterdir(), trained]:
+        shutil.copytree(folder, adapters / folder.name)
+    server = ServerProcess(["--model", str(base), "--adapters-dir", str(adapters), "--dtype", "float32"],
                            tmp_path_factory.mktemp("tools-home"))
     yield OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     server.stop()
@@ -66,6 +70,29 @@ def test_named_function_and_no_parallel_calls(client):
         calls = r.choices[0].message.tool_calls
         assert r.choices[0].finish_reason == "tool_calls"
         assert len(calls) == 1 and calls[0].function.name == "get_time" and valid_call(calls[0])
+
+
+def test_auto_parses_the_calls_of_a_trained_tool_adapter(client):
+    """`auto`: the trained adapter calls get_weather with the question's city; the base answers in text."""
+    from tool_adapter import HELD_OUT, TOOLS
+
+    for question, city in HELD_OUT[:6]:
+        kw = dict(messages=[{"role": "user", "content": question}], tools=TOOLS, max_tokens=80, temperature=0)
+        r = client.chat.completions.create(model="tool-weather", **kw)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice.message
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": city}
+        base = client.chat.completions.create(model="base", **kw).choices[0]
+        assert base.message.tool_calls is None and base.finish_reason in ("stop", "length")
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(model="tool-weather", stream=True, **kw):
+        if chunk.choices:
+            assert not chunk.choices[0].delta.content  # the call is not leaked as text
+            streamed += chunk.choices[0].delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [(d.index, d.function.name) for d in streamed] == [(0, "get_weather")]
+    assert json.loads(streamed[0].function.arguments) == {"city": HELD_OUT[5][1]}
 
 
 def test_none_leaves_the_tools_out(client):
