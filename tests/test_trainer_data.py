@@ -1,13 +1,16 @@
 """Training data and configuration: every bad input is refused with the line or the flag named."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import tiny
 
+from hotpeft.model.chat import call_text, parse_tool_calls, render
 from hotpeft.trainer.config import TrainConfig, parse_min_improvement
-from hotpeft.trainer.data import IGNORE, encode, parse_jsonl, prepare
+from hotpeft.trainer.data import IGNORE, encode, parse_jsonl, prepare, read_jsonl
+from hotpeft.trainer.demo import write_demo
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid
 
 
@@ -121,6 +124,158 @@ def test_held_out_split_is_fixed_by_the_seed(tmp_path, tok):
     assert split(0) != split(1)
 
 
+# ---- function calling ------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}
+TOOL_CHAT = {"messages": [{"role": "user", "content": "Weather in Oslo?"},
+                          {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "{\"celsius\": 3}"},
+                          {"role": "assistant", "content": "3 degrees in Oslo."}],
+             "tools": [WEATHER], "parallel_tool_calls": False}
+
+
+def changed(line: dict, edit) -> dict:
+    """A deep copy of `line` with `edit(copy)` applied."""
+    out = copy.deepcopy(line)
+    edit(out)
+    return out
+
+
+def trained_text(tok, enc) -> str:
+    return tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE])
+
+
+def _set(path: str, value):
+    """An edit that sets line[k1][k2]... (keys separated by '/', list indices as digits) to `value`."""
+    def edit(line):
+        *head, last = [int(k) if k.isdigit() else k for k in path.split("/")]
+        target = line
+        for k in head:
+            target = target[k]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+    return edit
+
+
+ARGUMENTS = "messages/1/tool_calls/0/function/arguments"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("messages/1/tool_calls/0/function/name", "get_time"),
+     r"line 1: messages\[1\].tool_calls\[0\].function.name 'get_time' is not in tools \(get_weather\)"),
+    (_set("tools", KeyError), r"messages\[1\].tool_calls\[0\] calls 'get_weather' but the line has no 'tools'"),
+    (_set(ARGUMENTS, "{city: Oslo}"), r"tool_calls\[0\].function.arguments must be a JSON object as a string"),
+    (_set(ARGUMENTS, {"city": "Oslo"}), r"arguments must be a JSON object as a string, e.g."),
+    (_set(ARGUMENTS, "[\"Oslo\"]"), r"arguments must be a JSON object as a string"),
+    (_set(ARGUMENTS, "{}"), r"arguments lacks the required argument\(s\) city"),
+    (_set("messages/1/tool_calls/0/id", KeyError), r"tool_calls\[0\].id must be a non-empty string"),
+    (_set("messages/1/tool_calls", []), r"messages\[1\].tool_calls must be a non-empty list"),
+    (_set("messages/1/tool_calls", KeyError), r"messages\[1\] \(assistant\) needs 'content' as a string \(null only "
+                                              r"beside tool_calls\)"),
+    (_set("messages/2/tool_call_id", "call_9"), r"messages\[2\] \(tool\) answers 'call_9', but no preceding assistant "
+                                                r"message has an unanswered tool call with that id"),
+    (_set("messages/2/tool_call_id", KeyError), r"messages\[2\] \(tool\) needs 'tool_call_id'"),
+    (_set("messages/1", {"role": "user", "content": "and?"}), r"messages\[2\] \(tool\) answers 'call_1', but no "
+                                                              r"preceding"),
+    (_set("messages/0/tool_calls", [CALL]), r"messages\[0\].tool_calls is allowed on assistant messages only"),
+    (_set("messages/3/tool_call_id", "call_1"), r"messages\[3\].tool_call_id is allowed on tool messages only"),
+    (_set("messages/2/weight", 0), r"messages\[2\].weight is allowed on assistant messages only"),
+    (_set("tools", []), r"'tools' must be a non-empty list"),
+    (_set("tools", {"get_weather": {}}), r"'tools' must be a non-empty list"),
+    (_set("tools/0/type", "retrieval"), r"tools\[0\] must be \{\"type\": \"function\""),
+    (_set("tools/0/function/name", "get weather"), r"tools\[0\].function.name must be 1 to 64 letters"),
+    (_set("tools/0/function/parameters", {"type": "array"}), r"tools\[0\].function.parameters must be a JSON schema "
+                                                             r"of an object"),
+    (_set("tools/0/function/parameters/required", "city"), r"parameters.required must be a list of property names"),
+    (_set("tools/0/function/returns", "a forecast"), r"tools\[0\].function has unsupported field\(s\) returns"),
+    (lambda t: t["tools"].append(WEATHER), r"tools\[1\]: the function name 'get_weather' is given twice"),
+    (_set("parallel_tool_calls", "yes"), r"'parallel_tool_calls' must be true or false"),
+    (_set("functions", [WEATHER["function"]]), r"unexpected field\(s\) functions beside 'messages' \(the legacy "
+                                               r"'functions' format is not read: give 'tools'\)"),
+])
+def test_bad_tool_lines_name_the_line_and_field(edit, match):
+    text = lines(TOOL_CHAT, changed(TOOL_CHAT, edit))
+    with pytest.raises(DatasetInvalid, match=match.replace("line 1", "line 2")) as e:
+        parse_jsonl(text)
+    assert e.value.line == 2
+
+
+def test_tool_line_renders_as_the_server_renders_it(tok):
+    enc = encode(parse_jsonl(lines(TOOL_CHAT))[0], tok, 2048)
+    # the OpenAI messages as a request sends them (content null, arguments as text) -> the same text
+    assert tok.decode(enc.input_ids) == render(tok, TOOL_CHAT["messages"], TOOL_CHAT["tools"],
+                                               add_generation_prompt=False)
+    # the loss covers the call and the answer (each with its end of turn), nothing of the prompt or the result
+    call = call_text("get_weather", {"city": "Oslo"})
+    assert trained_text(tok, enc) == call + "<|im_end|>\n" + "3 degrees in Oslo.<|im_end|>\n"
+    # the last turn is generated from the server's prompt for it; its reference is the answer
+    server_prompt = render(tok, TOOL_CHAT["messages"][:3], TOOL_CHAT["tools"])
+    assert enc.prompt_ids == tok(server_prompt, add_special_tokens=False)["input_ids"]
+    assert "<tool_response>{\"celsius\": 3}</tool_response>" in server_prompt and enc.reference == "3 degrees in Oslo."
+
+
+def test_a_line_ending_with_calls_is_evaluated_on_the_call_text(tok):
+    second = changed(CALL, lambda c: c.update(id="call_2", function={"name": "get_weather",
+                                                                     "arguments": "{\"city\": \"Rome\"}"}))
+    line = changed(TOOL_CHAT, lambda t: t.update(messages=[t["messages"][0], {
+        "role": "assistant", "content": "Checking.", "tool_calls": [CALL, second]}]))
+    enc = encode(parse_jsonl(lines(line))[0], tok, 2048)
+    calls = call_text("get_weather", {"city": "Oslo"}) + call_text("get_weather", {"city": "Rome"})
+    assert enc.reference == "Checking." + calls
+    assert trained_text(tok, enc) == "Checking." + calls + "<|im_end|>\n"
+    assert parse_tool_calls(enc.reference, {"get_weather"}) == (
+        "Checking.", [{"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"},
+                      {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}])
+    prompt = render(tok, line["messages"][:1], line["tools"])
+    assert enc.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_weight_zero_leaves_a_call_untrained_and_tool_results_are_never_trained(tok):
+    line = changed(TOOL_CHAT, _set("messages/1/weight", 0))
+    enc = encode(parse_jsonl(lines(line))[0], tok, 2048)
+    assert trained_text(tok, enc) == "3 degrees in Oslo.<|im_end|>\n"
+    assert parse_jsonl(lines(line))[0].messages[1]["tool_calls"][0]["id"] == "call_1"
+
+
+# A template that knows tools (the shape of Qwen's): it writes the tools and the calls itself.
+NATIVE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t.function | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+    "<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_knows_tools_writes_the_calls_its_own_way():
+    native = tiny.make_tokenizer()
+    native.chat_template = NATIVE_TEMPLATE
+    line = changed(TOOL_CHAT, lambda t: t.update(messages=t["messages"][:2]))
+    enc = encode(parse_jsonl(lines(line))[0], native, 2048)
+    text = render(native, line["messages"], line["tools"], add_generation_prompt=False)
+    assert native.decode(enc.input_ids) == text and "You can call functions" not in text
+    assert enc.reference == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert trained_text(native, enc) == enc.reference + "<|im_end|>\n"
+
+
+def test_demo_tool_lines_are_valid_and_mix_calls_results_and_answers(tmp_path):
+    paths = write_demo(tmp_path)
+    again = write_demo(tmp_path / "again")
+    records = read_jsonl(paths["tool-calls.train"]) + read_jsonl(paths["tool-calls.valid"])
+    assert paths["tool-calls.train"].read_bytes() == again["tool-calls.train"].read_bytes()
+    assert len(records) == 200 and all(r.tools and r.format == "chat" for r in records)
+    names = [c["function"]["name"] for r in records for m in r.messages for c in m.get("tool_calls", [])]
+    assert {"get_weather", "convert_currency"} == set(names)
+    answered = [r for r in records if r.messages[-1]["role"] == "assistant" and "tool_calls" not in r.messages[-1]]
+    parallel = [r for r in records if len(r.messages[1]["tool_calls"]) == 2]
+    assert 40 <= len(answered) <= 100 and parallel
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, r"--rank must be between 1 and 256, got 0"),
     ({"rank": 2.5}, r"--rank must be a whole number"),
@@ -134,7 +289,8 @@ def test_held_out_split_is_fixed_by_the_seed(tmp_path, tok):
     ({"template": "{prompt} {other}"}, r"--template may use only \{prompt\}"),
     ({"prompt_init": "text", "method": "prompt_tuning"}, r"--prompt-init text needs --prompt-init-text"),
     ({"prompt_init_text": "hi"}, r"--prompt-init-text applies to --method prompt_tuning only"),
-    ({"min_improvement": {"bleu": 1.0}}, r"--min-improvement: unknown metric 'bleu'"),
+    ({"min_improvement": {"bertscore": 1.0}}, r"--min-improvement: unknown metric 'bertscore'"),
+    ({"metrics": ["rougeL", "meteor"]}, r"--metrics: unknown metric\(s\) 'meteor'"),
     ({"target_modules": ["q_proj", "lm_head"]}, r"--target-modules: lm_head cannot be served; choose from q_proj"),
 ])
 def test_out_of_range_options_name_the_flag_and_range(kwargs, match):

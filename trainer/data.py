@@ -1,12 +1,14 @@
 """Training data: JSONL in OpenAI's chat fine-tuning format or prompt/completion pairs.
 
     {"messages": [{"role": "system" | "user" | "assistant", "content": "...", "weight": 0 | 1}, ...]}
+    {"messages": [..., {"role": "assistant", "tool_calls": [...]}, {"role": "tool", ...}, ...], "tools": [...]}
     {"prompt": "...", "completion": "..."}
 
-Chat examples are rendered with the base's chat template exactly as the server renders a chat
-request, and the loss covers the assistant messages only (those without `"weight": 0`). Pairs are
-plain text, prompt then completion, as `/v1/completions` serves them; the loss covers the
-completion and the end-of-sequence token, so the adapter learns where to stop.
+Chat examples (function calling included: `chat_data.py`) are rendered with the base's chat
+template exactly as the server renders a chat request, and the loss covers the assistant messages
+only (those without `"weight": 0`), tool-call text included. Pairs are plain text, prompt then
+completion, as `/v1/completions` serves them; the loss covers the completion and the
+end-of-sequence token, so the adapter learns where to stop.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotpeft.trainer.chat_data import chat_segments, line_error, parse_chat
 from hotpeft.trainer.errors import DatasetInvalid
 
-ROLES = ("system", "developer", "user", "assistant")
 IGNORE = -100  # label of a token that is not trained (prompt, template, padding)
 
 
@@ -29,41 +31,11 @@ class Record:
     messages: list[dict] | None = None
     prompt: str | None = None
     completion: str | None = None
+    tools: list[dict] | None = None  # chat lines with function calling: the functions the assistant may call
 
     @property
     def format(self) -> str:
         return "chat" if self.messages is not None else "completion"
-
-
-def _fail(what: str, line: int, message: str) -> DatasetInvalid:
-    return DatasetInvalid(f"{what}, line {line}: {message}", line=line)
-
-
-def _parse_messages(value, what: str, line: int) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _fail(what, line, "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise _fail(what, line, f"messages[{i}] must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise _fail(what, line, f"messages[{i}] has unknown role {role!r}; roles: {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise _fail(what, line, f"messages[{i}] ({role}) needs 'content' as a string")
-        extra = set(m) - {"role", "content", "weight", "name"}
-        if extra:
-            raise _fail(what, line, f"messages[{i}] has unsupported field(s) {', '.join(sorted(extra))} (tool calls "
-                                    "and functions are not trained)")
-        weight = m.get("weight", 1)
-        if weight not in (0, 1) or isinstance(weight, bool):
-            raise _fail(what, line, f"messages[{i}].weight must be 0 or 1, got {weight!r}")
-        if "weight" in m and role != "assistant":
-            raise _fail(what, line, f"messages[{i}].weight is allowed on assistant messages only")
-        out.append({"role": "system" if role == "developer" else role, "content": content, "weight": weight})
-    if not any(m["role"] == "assistant" and m["weight"] for m in out):
-        raise _fail(what, line, "no assistant message to train on (each example needs one without \"weight\": 0)")
-    return out
 
 
 def parse_jsonl(data: bytes | str, *, what: str = "training file") -> list[Record]:
@@ -73,7 +45,7 @@ def parse_jsonl(data: bytes | str, *, what: str = "training file") -> list[Recor
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise _fail(what, line, "not valid UTF-8") from e
+            raise line_error(what, line, "not valid UTF-8") from e
     records: list[Record] = []
     fmt = None
     for n, raw in enumerate(data.splitlines(), start=1):
@@ -82,29 +54,29 @@ def parse_jsonl(data: bytes | str, *, what: str = "training file") -> list[Recor
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise _fail(what, n, f"not valid JSON ({e.msg} at column {e.colno})") from e
+            raise line_error(what, n, f"not valid JSON ({e.msg} at column {e.colno})") from e
         if not isinstance(obj, dict):
-            raise _fail(what, n, f"expected a JSON object, got {type(obj).__name__}")
+            raise line_error(what, n, f"expected a JSON object, got {type(obj).__name__}")
         if "messages" in obj:
-            extra = set(obj) - {"messages"}
-            if extra:
-                raise _fail(what, n, f"unexpected field(s) {', '.join(sorted(extra))} beside 'messages'")
-            rec = Record(n, messages=_parse_messages(obj["messages"], what, n))
+            messages, tools = parse_chat(obj, what, n)
+            rec = Record(n, messages=messages, tools=tools)
         elif "prompt" in obj or "completion" in obj:
             for key in ("prompt", "completion"):
                 if not isinstance(obj.get(key), str):
-                    raise _fail(what, n, f"'{key}' must be a string (a pair needs both 'prompt' and 'completion')")
+                    raise line_error(what, n, f"'{key}' must be a string (a pair needs both 'prompt' and "
+                                              "'completion')")
             if not obj["completion"]:
-                raise _fail(what, n, "'completion' is empty: there is nothing to train on")
+                raise line_error(what, n, "'completion' is empty: there is nothing to train on")
             extra = set(obj) - {"prompt", "completion"}
             if extra:
-                raise _fail(what, n, f"unexpected field(s) {', '.join(sorted(extra))} beside 'prompt' and 'completion'")
+                raise line_error(what, n, f"unexpected field(s) {', '.join(sorted(extra))} beside 'prompt' and "
+                                          "'completion'")
             rec = Record(n, prompt=obj["prompt"], completion=obj["completion"])
         else:
-            raise _fail(what, n, "expected {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}, "
+            raise line_error(what, n, "expected {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}, "
                                  f"got the field(s) {', '.join(sorted(obj)) or 'none'}")
         if fmt is not None and rec.format != fmt:
-            raise _fail(what, n, f"a {rec.format} example in a file of {fmt} examples; use one format per file")
+            raise line_error(what, n, f"a {rec.format} example in a file of {fmt} examples; use one format per file")
         fmt = rec.format
         records.append(rec)
     return records
@@ -144,26 +116,7 @@ def _segments(rec: Record, tokenizer, template) -> tuple[list[tuple[str, bool]],
     if rec.messages is None:
         prompt = template(rec.prompt)
         return [(prompt, False), (rec.completion, True)], 1, rec.completion
-    msgs = [dict(m, content=template(m["content"])) if m["role"] == "user" else m for m in rec.messages]
-    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    last, reference = -1, ""
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(plain[:i], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(plain[:i + 1], tokenize=False)
-        if not prefix.startswith(done) or not full.startswith(prefix):
-            raise DatasetInvalid(f"line {rec.line}: the chat template does not render this conversation "
-                                 "incrementally; the assistant turns cannot be located")
-        if len(prefix) > len(done):
-            pieces.append((prefix[len(done):], False))
-        pieces.append((full[len(prefix):], bool(m["weight"])))
-        if m["weight"]:
-            last, reference = len(pieces) - 1, m["content"]
-        done = full
-    return pieces, last, reference
+    return chat_segments(rec.messages, rec.tools, rec.line, tokenizer, template)
 
 
 def encode(rec: Record, tokenizer, max_length: int, template=lambda p: p) -> Encoded | None:

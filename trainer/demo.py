@@ -1,4 +1,4 @@
-"""Demo data written by the project: support-chat summaries (DialogSum-like) and ticket intents.
+"""Demo data written by the project: support-chat summaries (DialogSum-like), ticket intents and tool calls.
 
     hotpeft demo-data --out demo/
 
@@ -10,6 +10,10 @@ every machine and the train / held-out split never changes:
     ticket-intent.train.jsonl / .valid.jsonl       {"messages": [user: instruction + message, assistant: label]}
                                                     an instruction the base model does not follow (it answers
                                                     in sentences, not with the label)
+    tool-calls.train / .valid.jsonl                {"messages": [user asks, assistant calls, (tool result,
+                                                    assistant answers)], "tools": [get_weather, convert_currency]}
+                                                    function calling: the base model does not write the call
+                                                    format; the held-out reference is the call (or the answer)
 """
 from __future__ import annotations
 
@@ -108,6 +112,84 @@ def ticket(rng: random.Random) -> tuple[str, str]:
     return INTENT_INSTRUCTION.format(message=message), label
 
 
+# ---- tool calls -----------------------------------------------------------------------------------
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}
+CURRENCY_TOOL = {"type": "function", "function": {
+    "name": "convert_currency", "description": "Convert an amount of money from one currency to another",
+    "parameters": {"type": "object", "properties": {
+        "amount": {"type": "number"}, "from": {"type": "string", "description": "ISO 4217 code, e.g. EUR"},
+        "to": {"type": "string", "description": "ISO 4217 code"}}, "required": ["amount", "from", "to"]}}}
+TOOLS = [WEATHER_TOOL, CURRENCY_TOOL]
+CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Seoul", "Toronto", "Cairo", "Sydney", "Madrid", "Hanoi", "Denver",
+          "Zurich", "Dublin", "Santiago", "Osaka", "Accra"]
+# (question, unit it asks for; None: celsius, the default the questions imply)
+WEATHER_ASKS = [("What's the weather in {city}?", None), ("How warm is it in {city} right now?", None),
+                ("Is it raining in {city} today?", None), ("Tell me the current weather for {city}.", None),
+                ("What's the temperature in {city} in Fahrenheit?", "fahrenheit"),
+                ("I'm flying to {city} tonight. How cold is it there, in Celsius?", "celsius"),
+                ("Weather in {city}, please, in degrees Fahrenheit.", "fahrenheit"),
+                ("Do I need a jacket in {city}? Check the weather.", None)]
+CONDITIONS = ["sunny", "cloudy", "raining", "windy", "foggy", "snowing"]
+# code: (the words people use for it, units per US dollar)
+CURRENCIES = {"EUR": (["euros", "EUR"], 0.92), "USD": (["US dollars", "dollars"], 1.0),
+              "GBP": (["British pounds", "pounds"], 0.79), "JPY": (["Japanese yen", "yen"], 151.0),
+              "CHF": (["Swiss francs"], 0.9), "CAD": (["Canadian dollars"], 1.36), "INR": (["Indian rupees"], 83.0),
+              "MXN": (["Mexican pesos"], 17.0)}
+CURRENCY_ASKS = ["How much is {amount} {src} in {dst}?", "Convert {amount} {src} to {dst}.",
+                 "I have {amount} {src}. What is that in {dst}?", "What do {amount} {src} come to in {dst}?"]
+
+
+def _call(n: int, name: str, args: dict) -> dict:
+    return {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def _weather(rng: random.Random) -> tuple[str, list[dict], list[tuple[dict, str]]]:
+    """(question, calls, [(tool result, answer sentence)])."""
+    city = rng.choice(CITIES)
+    ask, unit = rng.choice(WEATHER_ASKS)
+    unit = unit or "celsius"
+    temp = rng.randint(-5, 35) if unit == "celsius" else rng.randint(25, 95)
+    result = {"city": city, "temperature": temp, "unit": unit, "conditions": rng.choice(CONDITIONS)}
+    answer = f"In {city} it is {temp} degrees {unit.capitalize()} and {result['conditions']}."
+    return ask.format(city=city), [_call(1, "get_weather", {"city": city, "unit": unit})], [(result, answer)]
+
+
+def _currency(rng: random.Random) -> tuple[str, list[dict], list[tuple[dict, str]]]:
+    src, dst = rng.sample(sorted(CURRENCIES), 2)
+    amount = rng.choice([5, 20, 50, 75, 100, 120, 250, 300, 1000, 1500])
+    words = lambda code: rng.choice(CURRENCIES[code][0])  # noqa: E731
+    question = rng.choice(CURRENCY_ASKS).format(amount=amount, src=words(src), dst=words(dst))
+    value = round(amount / CURRENCIES[src][1] * CURRENCIES[dst][1], 2)
+    result = {"amount": amount, "from": src, "to": dst, "result": value}
+    answer = f"{amount} {src} is {value:,.2f} {dst}."
+    return question, [_call(1, "convert_currency", {"amount": amount, "from": src, "to": dst})], [(result, answer)]
+
+
+def _two_cities(rng: random.Random) -> tuple[str, list[dict], list[tuple[dict, str]]]:
+    """Two calls in one turn (parallel tool calls); the line ends with them."""
+    a, b = rng.sample(CITIES, 2)
+    question = rng.choice(["Compare the weather in {a} and {b}.", "Is it warmer in {a} or in {b} right now?"])
+    calls = [_call(n, "get_weather", {"city": city, "unit": "celsius"}) for n, city in ((1, a), (2, b))]
+    return question.format(a=a, b=b), calls, []
+
+
+def tool_use(rng: random.Random) -> dict:
+    """One line: the user asks, the assistant calls; a third of the lines go on with the tool's result
+    and the assistant's answer from it."""
+    kind = rng.choices([_weather, _currency, _two_cities], weights=[4, 4, 1])[0]
+    question, calls, results = kind(rng)
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    if results and rng.random() < 1 / 3:
+        for call, (result, _) in zip(calls, results):
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)})
+        messages.append({"role": "assistant", "content": " ".join(answer for _, answer in results)})
+    return {"messages": messages, "tools": TOOLS}
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -123,9 +205,11 @@ def write_demo(out: Path, *, n_train: int = 160, n_valid: int = 40) -> dict[str,
     for _ in range(n_train + n_valid):
         prompt, label = ticket(rng)
         intents.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": label}]})
+    tools = [tool_use(rng) for _ in range(n_train + n_valid)]  # after the others: their files stay as they were
     files = {
         "support-summaries.train": summaries[:n_train], "support-summaries.valid": summaries[n_train:],
         "ticket-intent.train": intents[:n_train], "ticket-intent.valid": intents[n_train:],
+        "tool-calls.train": tools[:n_train], "tool-calls.valid": tools[n_train:],
     }
     paths = {}
     for name, rows in files.items():
