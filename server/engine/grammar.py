@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from hotpeft.server.engine.processors import upload
+
 log = logging.getLogger("hotpeft.engine")
 
 
@@ -86,7 +88,7 @@ class Grammars:
         host = self._mask[:len(todo)]
         self._fill([(m, j) for j, (m, _) in enumerate(todo)], host)
         bits = host.to(logits.device, non_blocking=True)
-        at = torch.tensor([i for _, i in todo], dtype=torch.long).to(logits.device, non_blocking=True)
+        at = upload([i for _, i in todo], torch.long, logits.device)
         shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :logits.shape[1]]  # (G, V)
         out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hotpeft.server.engine.processors import upload
+
 
 @dataclass
 class PromptScores:
@@ -25,11 +27,6 @@ class PromptScores:
     targets_host: list[int]
     spans: list[tuple[object, int]]  # (sequence, how many of the K are its), in order
     k: int  # alternatives per scored token (the largest any of these rows asks)
-
-
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=torch.long)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def _top(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +46,7 @@ def pack(raw: torch.Tensor, tokens: torch.Tensor, rows: list, score_logits: torc
     parts = [tokens.double()]
     if asking:
         k = max(rows[i].request.params.logprobs for i in asking)
-        at = _upload(asking, raw.device) if len(asking) < len(rows) else None
+        at = upload(asking, torch.long, raw.device) if len(asking) < len(rows) else None
         lp = torch.log_softmax((raw if at is None else raw[at]).float(), dim=-1)  # (L, V)
         chosen = lp.gather(1, (tokens if at is None else tokens[at]).unsqueeze(1)).squeeze(1)
         values, ids = _top(lp, k)

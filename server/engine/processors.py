@@ -27,7 +27,8 @@ class PenaltyState:
     counted: int  # output tokens already in `counts` and `seen`
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers to the device in one copy (pinned and asynchronous on CUDA: no sync)."""
     host = torch.tensor(values, dtype=dtype)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
@@ -74,8 +75,8 @@ def process(logits: torch.Tensor, rows: list, eos_ids: set[int]) -> torch.Tensor
                 bias_ids.append(token)
                 bias.append(NEG_INF)
     c = len(bias_rows)
-    ints = _upload(new + bias_rows + bias_ids + [i for i, _ in penalized], torch.long, device)
-    nums = _upload(presence + frequency + repetition + bias, torch.float32, device)
+    ints = upload(new + bias_rows + bias_ids + [i for i, _ in penalized], torch.long, device)
+    nums = upload(presence + frequency + repetition + bias, torch.float32, device)
     for state, start, length, generated in spans:  # per row: its new tokens, a slice of the one upload
         ids = ints[start:start + length]
         state.seen[ids] = True
