@@ -65,7 +65,7 @@ LIMIT_CASES = {
     "stop length": ("/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 1, "stop": ["123456789"]}, 400,
                     "stop", "--max-stop-length"),
     "max_tokens 0": ("/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens",
-                     "greater than or equal to 1"),
+                     "max_tokens must be at least 1 (0 only with echo"),
     "no messages": ("/v1/chat/completions", {"model": "base", "messages": []}, 400, "messages", "at least 1"),
     "trust_remote_code": ("/v1/chat/completions", {"model": "base", "trust_remote_code": True,
                                                    "messages": [{"role": "user", "content": "x"}]}, 400,
