@@ -86,7 +86,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    d = sub.add_parser("demo-data", help="write the demo data sets (support-chat summaries, ticket intents)")
+    d = sub.add_parser("demo-data", help="write the demo data sets (support-chat summaries, ticket intents, tool calls)")
     d.add_argument("--out", type=Path, default=Path("demo"), help="folder to write the JSONL files to")
 
 
