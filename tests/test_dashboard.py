@@ -1,5 +1,6 @@
 """The built-in dashboard in headless Chromium (Debian's `chromium` driven by Playwright; no browser
-download): it loads without console errors or outside requests and charts the adapters that got traffic."""
+download): it loads without console errors or outside requests, charts the adapters that got traffic, and shows
+each version's evaluation figures with a button to promote it."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+QUALITY = "dash-quality"  # deleted again at the end of its test: test_api.py counts the tiny server's adapters
 
 
 def _chromium() -> str:
@@ -17,6 +19,20 @@ def _chromium() -> str:
     if path is None:
         pytest.skip("Debian's chromium is not installed (scripts/install.sh --test installs it where apt-get can)")
     return path
+
+
+def _metrics(rouge_l: float, retention: float, benchmark: float, tasks: tuple[str, ...] = ("summarize",)) -> dict:
+    """A version's registry metrics as the trainer stores them, with retention, per-task and benchmark figures."""
+    base = {"loss": 2.5, "rougeL": 0.2, "bleu": 10.0, "chrf": 30.0, "exact_match": 0.1}
+    return {
+        "base": base, "adapter": {**base, "loss": 1.25, "rougeL": rouge_l, "exact_match": 0.5},
+        "training": {"method": "lora", "trainable_params": 12288},
+        "retention": {"set": "general", "items": 40, "base": 0.9, "adapter": retention,
+                      "drop": round(0.9 - retention, 4)},
+        "tasks": {t: {"base": {"rougeL": 0.1}, "adapter": {"rougeL": rouge_l, "exact_match": 0.25}, "weight": 0.5}
+                  for t in tasks},
+        "benchmarks": {"arc_easy": {"metric": "acc", "adapter": benchmark, "base": 0.4, "samples": 200, "at": 1.7e9}},
+    }
 
 
 def test_dashboard_data_has_every_adapter_with_traffic(tiny_server, client):
@@ -69,6 +85,77 @@ def test_dashboard_in_headless_chromium(tiny_server, client):
     assert errors == [] and outside == []
 
 
+def test_dashboard_quality_panel_shows_each_version_and_promotes(tiny_server):
+    """Two versions of one adapter with different evaluation figures, written to the registry the server watches
+    (the API cannot set metrics): the panel shows both with their figures, marks the active one, and its Promote
+    button moves the mark, as the server then has it too."""
+    from dataclasses import fields
+
+    chromium = _chromium()
+    from conftest import wait_for
+    from playwright.sync_api import sync_playwright
+
+    from hotpeft.adapters.registry import AdapterRegistry, NewVersion
+
+    registry = AdapterRegistry(f"sqlite:///{tiny_server.home / 'registry.db'}")
+    try:
+        snap = registry.snapshot()
+        stored = snap.versions["lora-attn"][snap.active["lora-attn"]]  # weights already in the store to point at
+        shared = {f.name: getattr(stored, f.name) for f in fields(NewVersion)} | {"source": "training",
+                                                                                   "source_detail": None}
+        for description, metrics in (("<b>first</b> & plain", _metrics(0.412, 0.85, 0.55)),
+                                     ("second", _metrics(0.5, 0.7, 0.6))):
+            registry.add_version(QUALITY, NewVersion(**shared | {"description": description, "metrics": metrics}))
+    finally:
+        registry.close()
+    adapter_url = f"{tiny_server.url}/v1/adapters/{QUALITY}"
+    errors: list[str] = []
+    outside: list[str] = []
+    try:
+        # the server's registry watcher polls every 0.5 s
+        wait_for(lambda: len(httpx.get(adapter_url).json().get("versions", [])) == 2, 15,
+                 what=f"the server listing both versions of {QUALITY}")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("request", lambda r: None if r.url.startswith(tiny_server.url) else outside.append(r.url))
+                page.goto(tiny_server.url + "/dashboard")
+                page.wait_for_selector(f"#quality-adapter option[value='{QUALITY}']", state="attached", timeout=15000)
+                page.select_option("#quality-adapter", QUALITY)
+                page.wait_for_selector("#quality tr[data-version='2'].active", timeout=10000)
+                rows = {v: page.inner_text(f"#quality tr[data-version='{v}']") for v in (1, 2)}
+                assert "<b>first</b> & plain" in rows[1]  # the description as text, not as markup
+                assert "lora" in rows[1] and "12,288" in rows[1]
+                assert "0.412 (+0.212)" in rows[1] and "0.500 (+0.300)" in rows[2]  # ROUGE-L and its change
+                assert "1.250 (\u22121.250)" in rows[1]  # loss, lower than the base's
+                assert "0.85 (\u22120.05)" in rows[1] and "0.70 (\u22120.20)" in rows[2]  # retention and its drop
+                assert "summarize: rougeL 0.41 / em 0.25" in rows[1]
+                assert "arc_easy acc 0.55 (base 0.40)" in rows[1] and "arc_easy acc 0.60 (base 0.40)" in rows[2]
+                assert page.inner_text("#quality tr[data-version='2'] td.forgot") == "0.70 (\u22120.20)"
+                assert page.query_selector("#quality tr[data-version='1'] td.forgot") is None  # a drop of 0.05
+                assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["2"]
+                assert "\u25cf active" in rows[2] and "active" not in rows[1]
+                assert page.query_selector("#quality tr[data-version='2'] button") is None
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.locator("#quality-card").screenshot(path=str(ARTIFACTS / "dashboard-quality.png"))
+
+                page.click("#quality tr[data-version='1'] button")
+                page.wait_for_selector("#quality tr[data-version='1'].active", timeout=10000)
+                assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["1"]
+                assert "\u25cf active" in page.inner_text("#quality tr[data-version='1']")
+                assert page.inner_text("#quality tr[data-version='2'] button") == "Promote"
+                assert httpx.get(adapter_url).json()["active_version"] == 1
+            finally:
+                browser.close()
+    finally:
+        httpx.delete(adapter_url, timeout=30)
+    assert QUALITY not in {m["id"] for m in httpx.get(tiny_server.url + "/v1/models").json()["data"]}
+    assert errors == [] and outside == []
+
+
 def test_dashboard_asks_for_a_key_when_the_server_has_keys(tiny_dirs, tmp_path):
     """The page is public; its data is not: it shows a key field, and with a good key it draws."""
     chromium = _chromium()
@@ -85,6 +172,8 @@ def test_dashboard_asks_for_a_key_when_the_server_has_keys(tiny_dirs, tmp_path):
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
             try:
                 page = browser.new_page()
+                listed: list[str] = []
+                page.on("request", lambda r: listed.append(r.url) if r.url.endswith("/v1/adapters") else None)
                 page.goto(server.url + "/dashboard")
                 page.wait_for_selector("#login", state="visible", timeout=15000)
                 assert "key is needed" in page.inner_text("#status")
@@ -96,6 +185,13 @@ def test_dashboard_asks_for_a_key_when_the_server_has_keys(tiny_dirs, tmp_path):
                 page.click("#login button")
                 page.wait_for_selector("#ttft path[data-adapter='lora-attn']", state="attached", timeout=15000)
                 assert page.is_hidden("#login") and "updated" in page.inner_text("#status")
+                # the adapter list is admin-only: the quality panel says so, and asks once per key, not every refresh
+                page.wait_for_function("() => document.getElementById('quality-error').textContent"
+                                       ".includes('needs an admin key')", timeout=15000)
+                shown = page.inner_text("#status")
+                page.wait_for_function(f"() => document.querySelector('#status').textContent !== {shown!r}",
+                                       timeout=10000)
+                assert len(listed) == 3, listed  # no key, the wrong key, the inference key
             finally:
                 browser.close()
     finally:
@@ -119,6 +215,11 @@ def test_dashboard_tables_fit_their_cards_at_1280_px(tiny_server, client):
                      "status": "running", "stage": "evaluating", "created_at": 0,
                      "progress": {"step": 7, "total_steps": 20, "train_loss": 1.2345, "eta_s": 12.5}} for i in range(10)]
     body = json.dumps(data)
+    tasks = tuple(f"support-summaries-{i}-with-a-long-task-name" for i in range(4))
+    versions = [{"version": v, "active": v == 3, "created": 1.7e9, "source": "training", "description": "x" * 200,
+                 "metrics": _metrics(0.41234, 0.5, 0.55, tasks)} for v in range(1, 4)]
+    adapters = json.dumps({"object": "list", "data": [{"name": "support-summaries-lora-rank-16", "active_version": 3,
+                                                        "versions": versions}]})
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
@@ -126,12 +227,15 @@ def test_dashboard_tables_fit_their_cards_at_1280_px(tiny_server, client):
                 page = browser.new_page(viewport={"width": width, "height": height})
                 page.route("**/dashboard/data", lambda route: route.fulfill(status=200, body=body,
                                                                             content_type="application/json"))
+                page.route("**/v1/adapters", lambda route: route.fulfill(status=200, body=adapters,
+                                                                         content_type="application/json"))
                 page.goto(tiny_server.url + "/dashboard")
                 page.wait_for_function("() => document.querySelectorAll('#jobs tr').length === 11", timeout=15000)
+                page.wait_for_function("() => document.querySelectorAll('#quality tr').length === 4", timeout=15000)
                 widths = page.evaluate("""() => [...document.querySelectorAll('section table')].map(t => ({
                     id: t.id, table: t.getBoundingClientRect().width,
                     card: t.closest('section').clientWidth - 24}))""")
-                assert len(widths) == 2 and all(w["table"] <= w["card"] + 0.5 for w in widths), (width, widths)
+                assert len(widths) == 3 and all(w["table"] <= w["card"] + 0.5 for w in widths), (width, widths)
                 assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), width
                 if width == 1280:
                     ARTIFACTS.mkdir(exist_ok=True)
