@@ -216,6 +216,22 @@ class AdapterRegistry:
 
         return self._write(change)
 
+    def update_metrics(self, name: str, version: int, patch: dict) -> VersionRecord:
+        """Merge `patch` into the version's `metrics` (nested dicts key by key, anything else replaced), in one
+        transaction; the generation bump makes a server sharing the registry show it within its poll interval."""
+
+        def change(s: Session) -> VersionRecord:
+            adapter = s.get(AdapterRow, name)
+            row = s.execute(select(VersionRow).where(VersionRow.name == name, VersionRow.version == version)).scalar()
+            if adapter is None or adapter.active_version is None:
+                raise AdapterNotFound(f"adapter {name!r} does not exist", param="name")
+            if row is None:
+                raise AdapterNotFound(f"adapter {name!r} has no version {version}", param="version")
+            row.metrics = _merged(row.metrics or {}, patch)  # a new object: the JSON column sees only assignment
+            return _record(row)
+
+        return self._write(change)
+
     def delete(self, name: str, version: int | None = None) -> list[VersionRecord]:
         """Remove one version, or all of them. The active version of what is left is the newest one."""
 
@@ -242,6 +258,14 @@ class AdapterRegistry:
             return removed
 
         return self._write(change)
+
+
+def _merged(old: dict, patch: dict) -> dict:
+    """`old` with `patch` merged in: dicts recursively, other values replaced; neither argument is changed."""
+    out = dict(old)
+    for key, value in patch.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

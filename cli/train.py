@@ -22,10 +22,12 @@ import time
 import typing
 from pathlib import Path
 
+from hotpeft.cli.benchmark import add_benchmark_flags, benchmark_main
 from hotpeft.trainer.config import GENERATION_METRICS, TrainConfig, check_metrics, flag, parse_min_improvement
 from hotpeft.trainer.demo import SUMMARY_TEMPLATE, write_demo
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, InsufficientImprovement, TrainerError
+from hotpeft.trainer.mixture import parse_data_args
 
 def _field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass (the source is the one place they are written)."""
@@ -54,8 +56,13 @@ def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a LoRA, QLoRA or prompt-tuning adapter on a JSONL file and register it",
                        description="Train an adapter on JSONL data, evaluate it against the base on held-out data, "
                                    "and register it (a new version if the name exists).")
-    t.add_argument("--data", required=True, type=Path, help="training JSONL: chat ({\"messages\"}) or prompt/completion")
+    t.add_argument("--data", required=True, action="append", metavar="FILE[:WEIGHT]",
+                   help="training JSONL: chat ({\"messages\"}) or prompt/completion; repeat with weights for "
+                        "multi-task training (--data a.jsonl:2 --data b.jsonl:1), or one YAML/JSON mixture file")
     t.add_argument("--validation", type=Path, help="held-out JSONL (default: --validation-fraction of --data)")
+    t.add_argument("--sweep", metavar="METHODS",
+                   help="compare methods instead of registering one: full,lora,qlora,prompt_tuning (with --rank "
+                        "4,8,16,32); prints one table, registers nothing")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         help_text = docs.get(f.name, "").replace("%", "%%")
@@ -74,8 +81,8 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="compare the base and registered adapters on a JSONL file",
                        description="Held-out loss, ROUGE-1/2/L, BLEU, chrF and exact match of the base and each --adapter, "
                                    "side by side. Every example of --data is evaluated.")
-    e.add_argument("--adapter", action="append", required=True, help="adapter name or name@N (repeatable)")
-    e.add_argument("--data", required=True, type=Path, help="JSONL to evaluate on")
+    e.add_argument("--adapter", action="append", help="adapter name or name@N (repeatable)")
+    e.add_argument("--data", type=Path, help="JSONL to evaluate on (or --benchmark)")
     e.add_argument("--template", help=docs["template"])
     e.add_argument("--limit", type=int, default=200, help="examples generated from for ROUGE / exact match")
     e.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per example")
@@ -85,6 +92,7 @@ def add_parsers(sub) -> None:
     _add_env_flags(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_benchmark_flags(e)
 
     d = sub.add_parser("demo-data", help="write the demo data sets (support-chat summaries, ticket intents, tool calls)")
     d.add_argument("--out", type=Path, default=Path("demo"), help="folder to write the JSONL files to")
@@ -183,6 +191,9 @@ def train_main(args: argparse.Namespace) -> int:
     from hotpeft.trainer.pipeline import run_training  # imports torch: only when training
 
     try:
+        tasks = parse_data_args(args.data)
+        if args.sweep is not None:
+            return sweep_main(args, tasks)
         cfg = _config(args)
         env = _env(args)
     except TrainerError as e:
@@ -191,17 +202,23 @@ def train_main(args: argparse.Namespace) -> int:
     _quiet()
     bar = _Progress(not args.no_progress)
 
+    tables: list[str] = []
+
     def say(message: str, data: dict | None = None) -> None:  # the table is printed once, at the end
-        if not args.json and not message.startswith("Evaluation"):
+        if message.startswith("Evaluation:"):
+            tables.append(message.partition("\n")[2])
+        elif not args.json:
             print(message, file=sys.stderr)
 
     try:
         try:
-            outcome = run_training(cfg, args.data, args.validation, env, progress=bar.train, events=say,
+            outcome = run_training(cfg, tasks, args.validation, env, progress=bar.train, events=say,
                                    eval_progress=bar.evaluate)
         finally:
             bar.close()
     except TrainerError as e:
+        if isinstance(e, InsufficientImprovement) and tables:  # the figures the gate refused on
+            print(tables[-1], file=sys.stderr)
         print(f"hotpeft train: {e.message}", file=sys.stderr)
         return 1 if isinstance(e, InsufficientImprovement) else 2
     if args.json:
@@ -212,9 +229,35 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_main(args: argparse.Namespace, tasks: list) -> int:
+    """`hotpeft train --sweep`: every method on the same data, one table (hotpeft/trainer/sweep.py)."""
+    from hotpeft.trainer.sweep import config_values, parse_methods, parse_ranks, plan, run_sweep  # imports torch
+
+    if args.method is not None:
+        raise ConfigInvalid("method", "--sweep names the methods to compare; drop --method")
+    methods, ranks = parse_methods(args.sweep), parse_ranks(args.rank)
+    given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None} - {"rank"}
+    args.rank = None
+    runs = plan(config_values(_config(args), given), methods, ranks)
+    env = _env(args)
+    _quiet()
+    table, results = run_sweep(runs, tasks, args.validation, env, say=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps({label: {k: v for k, v in m.items() if k != "samples"} for label, m in results.items()},
+                         indent=1, default=str))
+    else:
+        print(table)
+    return 0
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from hotpeft.trainer.eval_adapters import evaluate_adapters  # imports torch: only when evaluating
 
+    if args.benchmark:
+        return benchmark_main(args)
+    if args.data is None or not args.adapter:
+        print("hotpeft eval: give --data FILE and at least one --adapter, or --benchmark TASK", file=sys.stderr)
+        return 2
     _quiet()
     bar = _Progress(not args.no_progress)
     try:

@@ -15,6 +15,7 @@ from hotpeft.model.arch import PROJECTIONS
 from hotpeft.trainer.errors import ConfigInvalid
 
 METHODS = ("lora", "qlora", "prompt_tuning")
+FULL = "full"  # full fine-tuning: trained and evaluated by --sweep for comparison, never registered
 ALL_LINEAR = list(PROJECTIONS)  # the projections the engine serves LoRA on
 # Lower is better for loss; higher for the others. Improvement = how much the adapter beats the base.
 METRICS = {"loss": -1, "rouge1": 1, "rouge2": 1, "rougeL": 1, "bleu": 1, "chrf": 1, "exact_match": 1}
@@ -22,7 +23,7 @@ GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match
 # LoRA: 2e-4 is the usual large-model figure; on a 135M model with a few hundred examples 1e-3
 # converges in one or two epochs (BENCHMARKS.md). Prompt tuning needs a far larger rate (Lester et
 # al. used 0.3 with Adafactor); 3e-2 with AdamW is stable here.
-DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt_tuning": 3e-2}
+DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt_tuning": 3e-2, FULL: 5e-5}
 
 
 def flag(name: str) -> str:
@@ -81,6 +82,10 @@ class TrainConfig:
     """Generation metrics of the evaluation: rouge1, rouge2, rougeL, bleu, chrf, exact_match (loss always)."""
     min_improvement: dict[str, float] = field(default_factory=dict)
     """METRIC=DELTA: register only if the adapter beats the base by DELTA on METRIC."""
+    retention: str = "default"
+    """Retention (forgetting) set of every evaluation: default (generated), none, or a JSONL file (API: file id)."""
+    max_forgetting: float | None = None
+    """Register only if the adapter loses at most this share of the retention set (0-1, e.g. 0.1)."""
     description: str = ""
     """Free text stored on the registered version."""
 
@@ -89,7 +94,7 @@ class TrainConfig:
             validate_name(self.name)
         except InvalidName as e:
             raise ConfigInvalid("name", f"{flag('name')}: {e.message}") from e
-        if self.method not in METHODS:
+        if self.method not in METHODS + (FULL,):
             raise ConfigInvalid("method", f"{flag('method')} must be one of {', '.join(METHODS)}, got {self.method!r}")
         self._range("epochs", 0.01, 100)
         if self.max_steps is not None:
@@ -136,6 +141,14 @@ class TrainConfig:
         self._range("eval_max_new_tokens", 1, 1024)
         self._range("eval_limit", 1, 100_000)
         check_metrics(self.metrics)
+        if not isinstance(self.retention, str) or not self.retention.strip():
+            raise ConfigInvalid("retention", f"{flag('retention')} takes default, none or a JSONL file, got "
+                                             f"{self.retention!r}")
+        if self.max_forgetting is not None:
+            self._range("max_forgetting", 0.0, 1.0)
+            if self.retention == "none":
+                raise ConfigInvalid("max_forgetting", f"{flag('max_forgetting')} needs a retention set; drop "
+                                                      f"{flag('retention')} none")
         for metric, delta in self.min_improvement.items():
             if metric != "loss" and metric in METRICS and metric not in self.metrics:
                 raise ConfigInvalid("min_improvement", f"{flag('min_improvement')} {metric}: {metric} is not "

@@ -41,3 +41,7 @@ class JobCancelled(TrainerError):
 
 class InsufficientImprovement(TrainerError):
     """The trained adapter did not beat the base by --min-improvement: it is not registered."""
+
+
+class Forgetting(InsufficientImprovement):
+    """The trained adapter lost more of the retention set than --max-forgetting allows: it is not registered."""

@@ -161,6 +161,8 @@ ROWS = [
     ("bleu", "BLEU", "{:.2f}"),
     ("chrf", "chrF", "{:.2f}"),
     ("exact_match", "exact match", "{:.4f}"),
+    ("retention", "retention", "{:.3f}"),
+    ("retention_drop", "retention drop", "{:+.3f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_percent", "trainable %", "{:.3f}"),
     ("train_seconds", "training time (s)", "{:.1f}"),
@@ -170,7 +172,7 @@ ROWS = [
 ]
 
 
-def format_table(columns: dict[str, dict]) -> str:
+def format_table(columns: dict[str, dict], signatures: bool = True) -> str:
     """Metrics side by side: one column per model (base first), one row per metric present anywhere."""
     names = list(columns)
     rows = [(label, [fmt.format(columns[c][key]) if columns[c].get(key) is not None else "-" for c in names])
@@ -181,8 +183,8 @@ def format_table(columns: dict[str, dict]) -> str:
     lines.append("  ".join(["-" * first] + ["-" * w for w in widths]))
     for label, cells in rows:
         lines.append("  ".join([label.ljust(first)] + [cell.rjust(w) for cell, w in zip(cells, widths)]))
-    signatures = next((columns[c]["signatures"] for c in names if columns[c].get("signatures")), {})
-    for key, signature in signatures.items():
+    found = next((columns[c]["signatures"] for c in names if columns[c].get("signatures")), {}) if signatures else {}
+    for key, signature in found.items():
         lines.append(f"{'BLEU' if key == 'bleu' else 'chrF'} signature: {signature}")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import torch
 from hotpeft.adapters.faults import failpoint
 from hotpeft.model.load import LoadedBase, load_base
 from hotpeft.model.source import ModelSource
-from hotpeft.trainer.config import TrainConfig
+from hotpeft.trainer.config import FULL, TrainConfig
 from hotpeft.trainer.data import IGNORE, Encoded
 from hotpeft.trainer.errors import ConfigInvalid, JobCancelled
 
@@ -51,10 +51,22 @@ def load_training_base(source: ModelSource, method: str, device: torch.device) -
                      dtype=compute_dtype(device))
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; PEFT's count when there is one (it counts 4-bit weights right)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def build_peft_model(base: LoadedBase, cfg: TrainConfig):
+    """The model to train: the base wrapped by PEFT, or (method full) the base itself, every weight trainable."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model, prepare_model_for_kbit_training
 
     model = base.model
+    if cfg.method == FULL:
+        torch.manual_seed(cfg.seed)
+        return model.requires_grad_(True)
     if cfg.method in ("lora", "qlora"):
         present = {name.rpartition(".")[2] for name, m in model.named_modules() if hasattr(m, "in_features")}
         missing = [t for t in cfg.target_modules if t not in present]
@@ -158,6 +170,6 @@ def train(peft_model, base: LoadedBase, examples: list[Encoded], cfg: TrainConfi
     result = trainer.train()
     seconds = time.perf_counter() - t0
     peft_model.eval()
-    trainable, total = peft_model.get_nb_trainable_parameters()
+    trainable, total = parameter_counts(peft_model)
     return TrainStats(trainable, total, result.global_step, seconds, collator.tokens,
                       losses[-1] if losses else float("nan"), peak_memory_bytes(base.device))

@@ -19,7 +19,8 @@ import time
 
 from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.env import ENV_VAR, TrainerEnv
-from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, InsufficientImprovement, JobCancelled, TrainerError
+from hotpeft.trainer.errors import (ConfigInvalid, DatasetInvalid, Forgetting, InsufficientImprovement, JobCancelled,
+                                   TrainerError)
 from hotpeft.trainer.jobs.store import JobStore
 from hotpeft.trainer.pipeline import run_training
 
@@ -28,6 +29,7 @@ log = logging.getLogger("hotpeft.worker")
 ERROR_CODES = [
     (DatasetInvalid, "invalid_training_file"),
     (ConfigInvalid, "invalid_hyperparameters"),
+    (Forgetting, "forgetting"),
     (InsufficientImprovement, "insufficient_improvement"),
     (TrainerError, "training_error"),
 ]
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = TrainConfig(**job.config)
+        if cfg.retention not in ("default", "none"):  # the id of an uploaded file (checked when the job was made)
+            cfg.retention = str(store.file_path(cfg.retention))
         reporter = Reporter(store, job_id)
         stage("training")
         outcome = run_training(

@@ -21,7 +21,7 @@ from hotpeft.server.api.schemas.fine_tuning import (
     HotpeftJobInfo, Hyperparameters, Job, JobCreate, JobError, JobEvent, JobEventList, JobHyperparameters, JobList,
     JobMethod, JobMethodSupervised,
 )
-from hotpeft.trainer.config import DEFAULT_LR, TrainConfig, flag
+from hotpeft.trainer.config import DEFAULT_LR, FULL, TrainConfig, flag
 from hotpeft.trainer.errors import ConfigInvalid, JobNotFound
 from hotpeft.trainer.jobs import FileRecord, JobRecord, new_id
 
@@ -110,6 +110,12 @@ def _config(rt: Runtime, body: JobCreate, job_id: str) -> tuple[TrainConfig, dic
                              code="invalid_hyperparameters") from e
     except TypeError as e:  # a value of the wrong JSON type for a field that is not range-checked
         raise InvalidRequest(f"invalid hotpeft options: {e}", param="hotpeft") from e
+    if cfg.method == FULL:
+        raise InvalidRequest("'hotpeft.method' full (full fine-tuning) makes a whole model, not an adapter: it is "
+                             "only compared by `hotpeft train --sweep`; use lora, qlora or prompt_tuning",
+                             param="hotpeft.method", code="invalid_hyperparameters")
+    if cfg.retention not in ("default", "none"):  # an uploaded file's id, never a path on the server
+        _file(rt, cfg.retention, "hotpeft.retention", 1)
     if cfg.method in ("lora", "qlora") and cfg.rank > rt.settings.max_lora_rank:
         raise InvalidRequest(f"'hotpeft.rank' {cfg.rank} is above this server's --max-lora-rank "
                              f"{rt.settings.max_lora_rank}", param="hotpeft.rank", code="invalid_hyperparameters")
