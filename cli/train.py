@@ -80,15 +80,19 @@ def add_parsers(sub) -> None:
 
     e = sub.add_parser("eval", help="compare the base and registered adapters on a JSONL file",
                        description="Held-out loss, ROUGE-1/2/L, BLEU, chrF and exact match of the base and each --adapter, "
-                                   "side by side. Every example of --data is evaluated.")
+                                   "side by side, and what each keeps of the retention set. Every example of --data "
+                                   "is evaluated. With --benchmark: an lm-eval task against a running server.")
     e.add_argument("--adapter", action="append", help="adapter name or name@N (repeatable)")
     e.add_argument("--data", type=Path, help="JSONL to evaluate on (or --benchmark)")
     e.add_argument("--template", help=docs["template"])
-    e.add_argument("--limit", type=int, default=200, help="examples generated from for ROUGE / exact match")
+    e.add_argument("--limit", type=int, default=None,
+                   help="examples generated from for ROUGE / exact match (default 200); with --benchmark: documents "
+                        "per task (default: all)")
     e.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per example")
     e.add_argument("--max-length", type=int, default=1024, help="tokens per example for the loss")
     e.add_argument("--metrics", default=",".join(GENERATION_METRICS), help=docs["metrics"])
     e.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none", help="precision of the base")
+    e.add_argument("--retention", default="default", help=docs["retention"])
     _add_env_flags(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -243,11 +247,17 @@ def sweep_main(args: argparse.Namespace, tasks: list) -> int:
     _quiet()
     table, results = run_sweep(runs, tasks, args.validation, env, say=lambda m: print(m, file=sys.stderr))
     if args.json:
-        print(json.dumps({label: {k: v for k, v in m.items() if k != "samples"} for label, m in results.items()},
-                         indent=1, default=str))
+        print(json.dumps({label: _no_samples(m) for label, m in results.items()}, indent=1, default=str))
     else:
         print(table)
     return 0
+
+
+def _no_samples(value):
+    """`value` without the generated samples stored beside each set of metrics."""
+    if isinstance(value, dict):
+        return {k: _no_samples(v) for k, v in value.items() if k != "samples"}
+    return value
 
 
 def eval_main(args: argparse.Namespace) -> int:
@@ -266,9 +276,9 @@ def eval_main(args: argparse.Namespace) -> int:
         print(f"loading the base and evaluating it and {len(args.adapter)} adapter(s) on {args.data}", file=sys.stderr)
         try:
             table, metrics = evaluate_adapters(env, args.adapter, args.data, template=unescape(args.template),
-                                               limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                               limit=args.limit or 200, max_new_tokens=args.max_new_tokens,
                                                max_length=args.max_length, quantize=args.quantize,
-                                               progress=bar.evaluate, metrics=metrics)
+                                               progress=bar.evaluate, metrics=metrics, retention=args.retention)
         finally:
             bar.close()
     except TrainerError as e:

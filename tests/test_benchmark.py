@@ -29,9 +29,7 @@ from test_lm_eval import MARGIN, models, score  # noqa: F401 - `models` is a fix
 ADAPTER = "lora-attn"
 LIMIT = 12  # documents of the intents task scored per model: enough for accuracies, small for the runtime
 
-# `hotpeft eval` in a child process. Until cli/train.py wires the benchmark in, the child wires it exactly as
-# planned (the flags on `eval`, --adapter and --data no longer required, eval_main handing a --benchmark run to
-# benchmark_main); once cli/train.py does it itself, this is plain `python -m hotpeft.cli eval ...`.
+# `hotpeft eval` in a child process, as a user runs it.
 def hotpeft_eval(*args: str, home=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOTPEFT_HOME": str(home)} if home else None
     return subprocess.run([sys.executable, "-m", "hotpeft.cli", "eval", *args], capture_output=True, text=True,

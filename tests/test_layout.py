@@ -22,7 +22,7 @@ ALLOWED = {
 # The server uses the trainer only for the fine-tuning jobs API: records, manager, configuration
 # and file checks; never the training code itself.
 SERVER_MAY_USE_FROM_TRAINER = ("hotpeft.trainer.jobs", "hotpeft.trainer.errors", "hotpeft.trainer.config",
-                               "hotpeft.trainer.data", "hotpeft.trainer.env")
+                               "hotpeft.trainer.data", "hotpeft.trainer.env", "hotpeft.trainer.retention")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 

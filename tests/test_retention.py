@@ -122,6 +122,14 @@ def test_a_fine_tuning_job_fails_with_code_forgetting(setup, tmp_path):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         train_file = client.files.create(file=open(setup["narrow"], "rb"), purpose="fine-tune")
         facts = client.files.create(file=open(setup["facts"], "rb"), purpose="fine-tune")
+        two_turns = tmp_path / "two-turns.jsonl"
+        _jsonl(two_turns, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
+        not_a_set = client.files.create(file=open(two_turns, "rb"), purpose="fine-tune")
+        with pytest.raises(openai.BadRequestError, match="retention file line 1: an item is one user message") as err:
+            client.fine_tuning.jobs.create(model="base", training_file=train_file.id,
+                                           extra_body={"hotpeft": {"retention": not_a_set.id}})
+        assert err.value.body["param"] == "hotpeft.retention"
         job = client.fine_tuning.jobs.create(
             model="base", training_file=train_file.id, suffix="narrow-job",
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6}}},
@@ -131,6 +139,25 @@ def test_a_fine_tuning_job_fails_with_code_forgetting(setup, tmp_path):
         assert job.status == "failed" and job.error.code == "forgetting", job.error
         assert "the base scores 1.000" in job.error.message and job.error.param == "max_forgetting"
         assert httpx.get(f"{server.url}/v1/adapters/narrow-job").status_code == 404
+        # multi-task through the API: the facts beside the narrow task, as `hotpeft.tasks`
+        with pytest.raises(openai.BadRequestError, match="must be a number above 0") as err:
+            client.fine_tuning.jobs.create(model="base", training_file=train_file.id, extra_body={
+                "hotpeft": {"tasks": [{"training_file": facts.id, "weight": 0}]}})
+        assert err.value.body["param"] == "hotpeft.tasks[0].weight"
+        job = client.fine_tuning.jobs.create(
+            model="base", training_file=train_file.id, suffix="mixed-job",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6}}},
+            extra_body={"hotpeft": {"learning_rate": 1e-2, "eval_max_new_tokens": 8, "retention": facts.id,
+                                    "max_forgetting": 0.1, "tasks": [{"training_file": facts.id, "weight": 2,
+                                                                      "validation_file": facts.id, "name": "replay"}]}})
+        job = finish(client, job.id)
+        assert job.status == "succeeded", job.error
+        metrics = job.model_extra["hotpeft"]["metrics"]
+        assert set(metrics["tasks"]) == {"narrow", "replay"} and metrics["retention"]["drop"] <= 0.1
+        version = httpx.get(f"{server.url}/v1/adapters/mixed-job").json()["versions"][0]
+        assert version["metrics"]["retention"] == metrics["retention"]
+        assert "/" not in version["source_detail"]["config"]["retention"]  # a file's name, not a path of the server
+        assert version["source_detail"]["tasks"]["replay"]["weight"] == 2.0
     finally:
         server.stop()
 
@@ -208,3 +235,25 @@ def test_examples_are_mixed_by_weight_with_a_fixed_seed():
     assert len(epoch) == 40 and sum(e[0] == "a" for e in epoch) == 10 and sum(e[0] == "b" for e in epoch) == 30
     assert {e for e in epoch if e[0] == "b"} == set(b)  # the smaller task is repeated, every example used
     assert {e[0] for e in epoch[:10]} == {"a", "b"}  # mixed, not one task after the other
+
+
+def test_a_json_file_is_a_mixture_only_when_it_holds_tasks(tmp_path):
+    data = tmp_path / "pairs.json"  # JSONL named .json: training data, as before
+    data.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n')
+    assert [(t.name, t.data) for t in parse_data_args([str(data)])] == [("pairs", data)]
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"tasks": [{"data": "pairs.json", "weight": 2}, {"data": "pairs.json"}]}))
+    assert [(t.name, t.weight) for t in parse_data_args([str(mix)])] == [("pairs", 2.0), ("pairs-2", 1.0)]
+    with pytest.raises(ConfigInvalid, match="a mixture file is given alone"):
+        parse_data_args([str(mix), str(data)])
+
+
+def test_the_default_set_keeps_only_what_the_base_answers():
+    items = [ret.Item(f"q{i}", "a", "fact") for i in range(4)]
+    s = ret.summarize(items, [True, True, False, True], [True, False, True, True], name="default", filtered=True)
+    assert (s["candidates"], s["items"], s["base"]) == (4, 3, 1.0)
+    assert s["adapter"] == pytest.approx(2 / 3) and s["drop"] == pytest.approx(1 / 3)  # item 2 does not count
+    none = ret.summarize(items, [False] * 4, [True] * 4, name="default", filtered=True)
+    assert none["items"] == 0 and none["drop"] is None
+    mine = ret.summarize(items, [True, False, False, False], [True, True, False, False], name="f", filtered=False)
+    assert (mine["items"], mine["base"], mine["adapter"], mine["drop"]) == (4, 0.25, 0.5, -0.25)

@@ -135,6 +135,7 @@ def test_min_improvement_refuses_to_register(trainer_server, tiny_dirs, word_dat
     (["--data", "PAIRS:0"], "the weight must be a number above 0, got '0'"),
     (["--max-forgetting", "2"], "--max-forgetting must be between 0 and 1, got 2.0"),
     (["--retention", "none", "--max-forgetting", "0.1"], "--max-forgetting needs a retention set"),
+    (["--max-forgetting", "0.1"], "--max-forgetting cannot be checked: the base answers none of the 94 items"),
     (["--sweep", "lora,adapterfusion"], "--sweep: unknown method(s) 'adapterfusion'"),
     (["--sweep", "lora", "--rank", "4,x"], "--rank takes whole numbers separated by commas"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such directory"),

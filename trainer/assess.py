@@ -18,7 +18,7 @@ from pathlib import Path
 from hotpeft.trainer import retention as ret
 from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.data import Prepared, encode
-from hotpeft.trainer.errors import DatasetInvalid, Forgetting, InsufficientImprovement
+from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, Forgetting, InsufficientImprovement
 from hotpeft.trainer.evaluate import GEN_METRICS, evaluate, format_table, generate, improvement
 from hotpeft.trainer.mixture import Task
 
@@ -42,13 +42,14 @@ class Assessment:
         return out | {"mean_of_tasks": len(columns)}
 
 
-def retention_items(cfg: TrainConfig) -> tuple[str, list[ret.Item], bool]:
-    """(set name, items, filtered by the base): read before training, so a bad file fails first."""
-    if cfg.retention == "none":
+def retention_set(spec: str) -> tuple[str, list[ret.Item], bool]:
+    """(set name, items, filtered by the base) for --retention default, none or FILE; read before anything
+    runs, so a bad file fails first."""
+    if spec == "none":
         return "none", [], False
-    if cfg.retention == "default":
+    if spec == "default":
         return "default", ret.candidate_items(), True
-    path = Path(cfg.retention)
+    path = Path(spec)
     try:
         return path.name, ret.user_items(path), False
     except DatasetInvalid as e:
@@ -127,6 +128,15 @@ def retention_table(s: dict, max_forgetting: float | None) -> str:
     for kind, k in s["by_kind"].items():
         lines.append(f"  {kind:<10} {k['items']:>3} items: base {k['base']:.3f}, adapter {k['adapter']:.3f}")
     return "\n".join(lines)
+
+
+def check_measurable(cfg: TrainConfig, retention: tuple[str, list[ret.Item], bool], base: Assessment) -> None:
+    """Before training: --max-forgetting needs retention items the base answers right."""
+    name, items, _ = retention
+    if cfg.max_forgetting is not None and not any(base.retention_ok):
+        raise ConfigInvalid("max_forgetting", f"--max-forgetting cannot be checked: the base answers none of the "
+                                              f"{len(items)} items of the {name} retention set; give --retention "
+                                              "a FILE of questions this base answers")
 
 
 def check_gates(cfg: TrainConfig, metrics: dict) -> None:

@@ -2,7 +2,7 @@
 side by side, the scores stored on the adapter versions.
 
     hotpeft eval --benchmark hotpeft_intents_mc --adapter support-intent --home ~/.hotpeft
-    hotpeft eval --benchmark my_task.yaml --adapter a --adapter b@3 --url http://10.0.0.5:8000 --limit 50
+    hotpeft eval --benchmark my_task.yaml --adapter a --adapter b@3 --url http://HOST:8000 --limit 50
 
 lm-eval runs as a child process once per model (its own command line; offline, HF_*_OFFLINE=1), with
 `local-completions` on the server's /v1/completions: log-likelihoods come from echo + logprobs, generations
@@ -41,6 +41,7 @@ from hotpeft.trainer.benchmark_tasks import TaskSpec, resolve_tasks
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, TrainerError
 
+LM_EVAL_TIMEOUT_S = 6 * 3600  # one model's run; a hung lm-eval must not hang `hotpeft eval` for ever
 # lm-eval's own entry point, with one change: the task manager indexes only --include_path, not lm-eval's
 # ~14,000 built-in task files (seconds of every run, and none of them is offline).
 LM_EVAL_MAIN = """
@@ -197,7 +198,10 @@ def run_lm_eval(url: str, spec: TaskSpec, model: str, tokenizer: Path, workdir: 
            "OPENAI_API_KEY": api_key or "unused"}  # lm-eval's local-completions sends it as the bearer token
     cmd = lm_eval_command(url, spec, model, tokenizer, out / "results", limit=limit, chat=chat, max_length=max_length)
     # in the caller's directory: a task's relative data_files are read from there, as lm-eval itself would
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LM_EVAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise BenchmarkFailed(f"lm-eval ran past {LM_EVAL_TIMEOUT_S} s on {model} and was stopped") from e
     found = sorted((out / "results").rglob("results_*.json"))
     if proc.returncode != 0 or not found:
         log = (proc.stdout + proc.stderr)[-4000:]
@@ -242,7 +246,11 @@ def store_scores(env: TrainerEnv, records: list[VersionRecord], results: dict[st
                 entries[task] = {"metric": metric, "adapter": scores["values"][metric],
                                  "base": results[base][task]["values"].get(metric), "samples": scores["samples"],
                                  "at": now, "chat": chat}
-            updated.append(registry.update_metrics(record.name, record.version, {"benchmarks": entries}))
+            try:
+                updated.append(registry.update_metrics(record.name, record.version, {"benchmarks": entries}))
+            except AdapterError as e:  # deleted while lm-eval ran
+                raise ConfigInvalid("adapter", f"--adapter {record.key}: {e.message}; its scores were not "
+                                               "stored") from e
     finally:
         registry.close()
     return updated

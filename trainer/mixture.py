@@ -13,13 +13,16 @@
 
 Each task is split (or given its held-out file) on its own, so evaluation reports every task apart.
 An epoch has as many examples as all the tasks together; task i gets the share w_i / sum(w) of it,
-its examples shuffled and repeated when the share is larger than the file. The tasks' examples are
+its examples shuffled and repeated when the share is larger than the file, or a seeded subset of them
+when it is smaller (the same subset every epoch: a weight below the file's share trains on fewer of
+its examples, not on all of them less often). The tasks' examples are
 then interleaved in a seeded random order (and the Trainer reshuffles each epoch with --seed), so
 every stretch of training sees the tasks in proportion, never task after task, which would let the
 last task overwrite the first.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -27,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotpeft.trainer.errors import ConfigInvalid
-
-MIXTURE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,32 @@ def _weight(raw, where: str) -> float:
     return weight
 
 
+def is_mixture(path: Path) -> bool:
+    """A .yaml/.yml file, or a .json file holding one object with "tasks" (a .json may also be JSONL data)."""
+    if path.suffix in (".yaml", ".yml"):
+        return True
+    if path.suffix != ".json":
+        return False
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "tasks" in doc
+
+
 def parse_data_args(values: list[str]) -> list[Task]:
-    """`--data` values: FILE, FILE:WEIGHT, or one mixture file (.yaml/.yml/.json)."""
-    if len(values) == 1 and Path(values[0]).suffix in MIXTURE_SUFFIXES:
+    """`--data` values: FILE, FILE:WEIGHT, or one mixture file (.yaml/.yml, or .json with "tasks")."""
+    if len(values) == 1 and is_mixture(Path(values[0])):
         return read_mixture(Path(values[0]))
     tasks = []
     for value in values:
         path, sep, weight = value.rpartition(":")
         if not sep or "/" in weight or "\\" in weight:  # no weight: the whole value is the path
             path, weight = value, "1"
-        elif Path(path).suffix in MIXTURE_SUFFIXES:
+        if is_mixture(Path(path)):
             raise ConfigInvalid("data", f"--data {value}: a mixture file is given alone, with its weights inside")
         tasks.append(Task(task_name(Path(path)), Path(path), _weight(weight, f"--data {value}")))
-    return _unique(tasks)
+    return unique_names(tasks)
 
 
 def read_mixture(path: Path) -> list[Task]:
@@ -106,16 +120,20 @@ def read_mixture(path: Path) -> list[Task]:
         valid = path.parent / entry["validation"] if isinstance(entry.get("validation"), str) else None
         tasks.append(Task(str(entry.get("name") or task_name(data)), data, _weight(entry.get("weight", 1), where),
                           valid, template))
-    return _unique(tasks)
+    return unique_names(tasks)
 
 
-def _unique(tasks: list[Task]) -> list[Task]:
-    seen: dict[str, int] = {}
+def unique_names(tasks: list[Task]) -> list[Task]:
+    """Tasks with one name each: a repeated name gets -2, -3, ... (the first free one)."""
+    used: set[str] = set()
     out = []
     for t in tasks:
-        seen[t.name] = seen.get(t.name, 0) + 1
-        out.append(t if seen[t.name] == 1 else Task(f"{t.name}-{seen[t.name]}", t.data, t.weight, t.validation,
-                                                    t.template))
+        name, n = t.name, 1
+        while name in used:
+            n += 1
+            name = f"{t.name}-{n}"
+        used.add(name)
+        out.append(dataclasses.replace(t, name=name))
     return out
 
 

@@ -25,7 +25,7 @@ from hotpeft.adapters.store import open_store, pid_alive
 from hotpeft.model.load import LoadedBase, default_device, eos_ids
 from hotpeft.model.source import CONVERSION_NOTE, ModelSource, ModelUnavailable, needs_conversion, resolve_model
 from hotpeft.trainer import data as data_mod
-from hotpeft.trainer.assess import assess, check_gates, report, retention_items
+from hotpeft.trainer.assess import assess, check_gates, check_measurable, report, retention_set
 from hotpeft.trainer.config import FULL, TrainConfig
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, JobCancelled
@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig, data: Path | list[Task], valid_path: Path | N
     if valid_path is not None:
         tasks = [dataclasses.replace(tasks[0], validation=Path(valid_path))]
     _check_run(cfg, env, register)
-    retention = retention_items(cfg)  # a bad --retention file fails before the model loads
+    retention = retention_set(cfg.retention)  # a bad --retention file fails before the model loads
     if env.threads:
         torch.set_num_threads(env.threads)
     if needs_conversion(env.model, env.home):
@@ -113,6 +113,7 @@ def run_training(cfg: TrainConfig, data: Path | list[Task], valid_path: Path | N
                         common=common, label="base", progress=eval_progress)
     if base_cache is not None:
         base_cache[base.quantization] = before
+    check_measurable(cfg, retention, before)
     model = build_peft_model(base, cfg)
     examples = _mixed(tasks, prepared, cfg.seed)
     workdir = _workdir(env.home)
@@ -197,14 +198,20 @@ def _data_figures(prepared: dict[str, data_mod.Prepared], tasks: list[Task]) -> 
 
 def _register(cfg: TrainConfig, env: TrainerEnv, base: LoadedBase, out: Path, metrics: dict, job_id: str | None,
               tasks: list[Task]) -> VersionRecord:
+    config = cfg.to_dict()
+    if config["retention"] not in ("default", "none"):  # a file's name, never a path of this machine
+        config["retention"] = Path(config["retention"]).name
+    single = len(tasks) == 1
     catalog = open_catalog(env, base)
     try:
         return catalog.register_dir(
             cfg.name, out, source="training", label=f"trained adapter {cfg.name!r}", description=cfg.description,
-            source_detail={"job": job_id, "method": cfg.method, "config": cfg.to_dict(),
-                           "train_file": tasks[0].data.name if len(tasks) == 1 else None,
-                           "train_files": {t.name: t.data.name for t in tasks} if len(tasks) > 1 else None,
-                           "validation_file": tasks[0].validation.name if tasks[0].validation else None},
+            source_detail={"job": job_id, "method": cfg.method, "config": config,
+                           "train_file": tasks[0].data.name if single else None,
+                           "validation_file": tasks[0].validation.name if single and tasks[0].validation else None,
+                           "tasks": None if single else {t.name: {"train_file": t.data.name, "weight": t.weight,
+                                                                  "validation_file": t.validation and t.validation.name}
+                                                         for t in tasks}},
             metrics=metrics,
         )
     finally:

@@ -12,8 +12,8 @@ same questions, greedily, and the drop is how much of what the base could do the
                   is scored for both models and the drop is base score - adapter score.
 
 An answer is right when the expected answer appears in the first line of the reply as whole words,
-ignoring case and punctuation (a number: the first number of the reply is the answer; a format item:
-the answer appears exactly, case included).
+ignoring case and punctuation (a number: the last number of that line is the answer, as in "3 + 4 =
+7"; a format item: its own check, see `correct`).
 """
 from __future__ import annotations
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from hotpeft.trainer.config import DEFAULT_LR, FULL, METHODS, TrainConfig, flag
@@ -73,6 +75,7 @@ def plan(cfg: dict, methods: list[str], ranks: list[int]) -> list[tuple[str, Tra
 
 
 def _run_one(cfg: TrainConfig, tasks: list[Task], valid: Path | None, env: TrainerEnv, base_cache: dict):
+    warnings.filterwarnings("ignore", category=FutureWarning)  # a child of `hotpeft train`: as quiet as it is
     try:
         outcome = run_training(cfg, tasks, valid, env, register=False, base_cache=base_cache)
     except TrainerError as e:  # its subclasses do not unpickle: hand the message over instead
@@ -88,8 +91,11 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], tasks: list[Task], valid: Pat
     context = multiprocessing.get_context("spawn")
     for n, (label, cfg) in enumerate(runs, start=1):
         say(f"[{n}/{len(runs)}] {label}: training and evaluating")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            metrics, text, base_cache = pool.submit(_run_one, cfg, tasks, valid, env, base_cache).result()
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                metrics, text, base_cache = pool.submit(_run_one, cfg, tasks, valid, env, base_cache).result()
+        except BrokenProcessPool as e:  # killed (out of memory, a signal): say which run
+            raise TrainerError(f"{label}: the run's process died before it finished ({e})") from e
         if metrics is None:
             raise TrainerError(f"{label}: {text}")
         results[label] = metrics
@@ -99,8 +105,13 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], tasks: list[Task], valid: Pat
 
 
 def sweep_table(results: dict[str, dict]) -> str:
-    first = next(iter(results.values()))
-    columns = {"base": _column(first["base"], first.get("retention"), base=True)}
+    """A column per run after the base's; QLoRA's base is the nf4 one it was measured against, a column of its own."""
+    columns = {}
+    for label, m in results.items():
+        key = "base (nf4)" if m["training"]["base_precision"] == "nf4" else "base"
+        if key not in columns:
+            columns[key] = _column(m["base"], m.get("retention"), base=True)
+    columns = dict(sorted(columns.items()))  # base, then base (nf4)
     for label, m in results.items():
         columns[label] = {**_column(m["adapter"], m.get("retention")), **m["training"]}
     lines = [format_table(columns)]

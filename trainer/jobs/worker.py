@@ -16,12 +16,14 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from hotpeft.trainer.config import TrainConfig
 from hotpeft.trainer.env import ENV_VAR, TrainerEnv
 from hotpeft.trainer.errors import (ConfigInvalid, DatasetInvalid, Forgetting, InsufficientImprovement, JobCancelled,
                                    TrainerError)
 from hotpeft.trainer.jobs.store import JobStore
+from hotpeft.trainer.mixture import Task, task_name, unique_names
 from hotpeft.trainer.pipeline import run_training
 
 log = logging.getLogger("hotpeft.worker")
@@ -120,14 +122,19 @@ def main(argv: list[str] | None = None) -> int:
             raise JobCancelled("the job was cancelled before registration")
 
     try:
-        cfg = TrainConfig(**job.config)
+        extra = job.config.get("tasks") or []  # multi-task: the other files, beside training_file
+        cfg = TrainConfig(**{k: v for k, v in job.config.items() if k != "tasks"})
         if cfg.retention not in ("default", "none"):  # the id of an uploaded file (checked when the job was made)
             cfg.retention = str(store.file_path(cfg.retention))
         reporter = Reporter(store, job_id)
         stage("training")
+        data = store.file_path(job.training_file)
+        valid = store.file_path(job.validation_file) if job.validation_file else None
+        if extra:
+            data = _tasks(store, job, extra)
+            valid = None
         outcome = run_training(
-            cfg, store.file_path(job.training_file),
-            store.file_path(job.validation_file) if job.validation_file else None, env, job_id=job_id,
+            cfg, data, valid, env, job_id=job_id,
             progress=reporter, events=events, should_stop=should_stop, before_register=before_register,
             eval_progress=reporter.evaluating,
         )
@@ -150,6 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     store.add_event(job_id, "The job has successfully completed", data={"fine_tuned_model": record.key})
     log.info("job %s: registered %s", job_id, record.key)
     return 0
+
+
+def _tasks(store: JobStore, job, extra: list[dict]) -> list[Task]:
+    """The job's training file (weight 1) and its `hotpeft.tasks`, as the trainer's tasks."""
+    def path(file_id: str | None) -> Path | None:
+        return store.file_path(file_id) if file_id else None
+
+    def name(file_id: str) -> str:  # the uploaded file's name, as `hotpeft train` names a task
+        return task_name(Path(store.get_file(file_id).filename))
+
+    tasks = [Task(name(job.training_file), store.file_path(job.training_file), 1.0, path(job.validation_file))]
+    for t in extra:
+        tasks.append(Task(t.get("name") or name(t["training_file"]), store.file_path(t["training_file"]),
+                          t["weight"], path(t.get("validation_file")), t.get("template")))
+    return unique_names(tasks)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from hotpeft.server.api.schemas.fine_tuning import (
     JobMethod, JobMethodSupervised,
 )
 from hotpeft.trainer.config import DEFAULT_LR, FULL, TrainConfig, flag
-from hotpeft.trainer.errors import ConfigInvalid, JobNotFound
+from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid, JobNotFound
+from hotpeft.trainer.retention import user_items
 from hotpeft.trainer.jobs import FileRecord, JobRecord, new_id
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -30,6 +31,7 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 HP_PARAM = "method.supervised.hyperparameters"
 # hotpeft options that the OpenAI fields (or the job itself) set
 RESERVED = {"name": "suffix", "epochs": "n_epochs", "batch_size": "batch_size", "seed": "seed"}
+TASKS = "tasks"  # not a TrainConfig field: the job's other training files (multi-task)
 
 
 def public(j: JobRecord) -> Job:
@@ -76,11 +78,13 @@ def _config(rt: Runtime, body: JobCreate, job_id: str) -> tuple[TrainConfig, dic
     if body.integrations:
         raise InvalidRequest("integrations are not supported by hotpeft", param="integrations")
     options = dict(body.hotpeft or {})
+    options.pop(TASKS, None)  # checked by _tasks
     known = {f.name for f in dataclasses.fields(TrainConfig)} - set(RESERVED)
     for key in options:
         if key not in known:
             where = f"; set it with '{RESERVED[key]}'" if key in RESERVED else f"; known: {', '.join(sorted(known))}"
-            raise InvalidRequest(f"Unrecognized field 'hotpeft.{key}'{where}", param=f"hotpeft.{key}")
+            raise InvalidRequest(f"Unrecognized field 'hotpeft.{key}'{where}; multi-task: '{TASKS}'",
+                                 param=f"hotpeft.{key}")
     hp, hp_param = _hyperparameters(body)
     params = {k: f"hotpeft.{k}" for k in known}
     values = dict(options)
@@ -116,6 +120,11 @@ def _config(rt: Runtime, body: JobCreate, job_id: str) -> tuple[TrainConfig, dic
                              param="hotpeft.method", code="invalid_hyperparameters")
     if cfg.retention not in ("default", "none"):  # an uploaded file's id, never a path on the server
         _file(rt, cfg.retention, "hotpeft.retention", 1)
+        try:  # checked as a retention set now, not when the worker gets to it
+            user_items(rt.jobs.store.file_path(cfg.retention))
+        except DatasetInvalid as e:
+            raise InvalidRequest(f"'hotpeft.retention' {cfg.retention!r}: {e.message}", param="hotpeft.retention",
+                                 code="invalid_file") from e
     if cfg.method in ("lora", "qlora") and cfg.rank > rt.settings.max_lora_rank:
         raise InvalidRequest(f"'hotpeft.rank' {cfg.rank} is above this server's --max-lora-rank "
                              f"{rt.settings.max_lora_rank}", param="hotpeft.rank", code="invalid_hyperparameters")
@@ -144,12 +153,46 @@ def _create(rt: Runtime, body: JobCreate) -> JobRecord:
                                  f"{train.format} examples; use one format for both", param="validation_file")
     job_id = new_id("ftjob")
     cfg, hyper = _config(rt, body, job_id)
+    tasks = _tasks(rt, (body.hotpeft or {}).get(TASKS))
     record = JobRecord(
         id=job_id, created_at=int(time.time()), status="queued", model=rt.base.model_id,
         training_file=train.id, validation_file=body.validation_file, suffix=body.suffix, adapter_name=cfg.name,
-        config=cfg.to_dict(), hyperparameters=hyper, job_metadata=body.metadata,
+        config=cfg.to_dict() | ({TASKS: tasks} if tasks else {}), hyperparameters=hyper, job_metadata=body.metadata,
     )
     return rt.jobs.submit(record)
+
+
+def _tasks(rt: Runtime, raw) -> list[dict]:
+    """`hotpeft.tasks`: more training files beside `training_file` (multi-task; that one has weight 1), each
+    {"training_file", "weight" (> 0, default 1), "validation_file", "template", "name"}, checked now."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest(f"'hotpeft.{TASKS}' must be a non-empty list of {{training_file, weight, "
+                             "validation_file, template, name}", param=f"hotpeft.{TASKS}")
+    out = []
+    for n, task in enumerate(raw):
+        where = f"hotpeft.{TASKS}[{n}]"
+        if not isinstance(task, dict) or not isinstance(task.get("training_file"), str):
+            raise InvalidRequest(f"'{where}' needs 'training_file': an uploaded file's id", param=where)
+        unknown = set(task) - {"training_file", "weight", "validation_file", "template", "name"}
+        if unknown:
+            raise InvalidRequest(f"'{where}': unknown field(s) {', '.join(sorted(unknown))}", param=where)
+        _file(rt, task["training_file"], f"{where}.training_file", 2)
+        if task.get("validation_file") is not None:
+            _file(rt, task["validation_file"], f"{where}.validation_file", 1)
+        weight = task.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise InvalidRequest(f"'{where}.weight' must be a number above 0, got {weight!r}", param=f"{where}.weight")
+        template = task.get("template")
+        if template is not None and (not isinstance(template, str) or template.count("{prompt}") != 1):
+            raise InvalidRequest(f"'{where}.template' must contain {{prompt}} exactly once", param=f"{where}.template")
+        name = task.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"'{where}.name' must be a string", param=f"{where}.name")
+        out.append({"training_file": task["training_file"], "weight": float(weight),
+                    "validation_file": task.get("validation_file"), "template": template, "name": name})
+    return out
 
 
 def _seen(rt: Runtime, jobs: list[JobRecord]) -> list[JobRecord]:
