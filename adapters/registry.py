@@ -205,12 +205,7 @@ class AdapterRegistry:
 
     def promote(self, name: str, version: int) -> VersionRecord:
         def change(s: Session) -> VersionRecord:
-            adapter = s.get(AdapterRow, name)
-            row = s.execute(select(VersionRow).where(VersionRow.name == name, VersionRow.version == version)).scalar()
-            if adapter is None or adapter.active_version is None:
-                raise AdapterNotFound(f"adapter {name!r} does not exist", param="name")
-            if row is None:
-                raise AdapterNotFound(f"adapter {name!r} has no version {version}", param="version")
+            adapter, row = _version(s, name, version)
             adapter.active_version = version
             return _record(row)
 
@@ -221,12 +216,7 @@ class AdapterRegistry:
         transaction; the generation bump makes a server sharing the registry show it within its poll interval."""
 
         def change(s: Session) -> VersionRecord:
-            adapter = s.get(AdapterRow, name)
-            row = s.execute(select(VersionRow).where(VersionRow.name == name, VersionRow.version == version)).scalar()
-            if adapter is None or adapter.active_version is None:
-                raise AdapterNotFound(f"adapter {name!r} does not exist", param="name")
-            if row is None:
-                raise AdapterNotFound(f"adapter {name!r} has no version {version}", param="version")
+            _, row = _version(s, name, version)
             row.metrics = _merged(row.metrics or {}, patch)  # a new object: the JSON column sees only assignment
             return _record(row)
 
@@ -266,6 +256,17 @@ def _merged(old: dict, patch: dict) -> dict:
     for key, value in patch.items():
         out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _version(s: Session, name: str, version: int) -> tuple[AdapterRow, VersionRow]:
+    """An adapter and one of its versions, or AdapterNotFound naming what is missing."""
+    adapter = s.get(AdapterRow, name)
+    row = s.execute(select(VersionRow).where(VersionRow.name == name, VersionRow.version == version)).scalar()
+    if adapter is None or adapter.active_version is None:
+        raise AdapterNotFound(f"adapter {name!r} does not exist", param="name")
+    if row is None:
+        raise AdapterNotFound(f"adapter {name!r} has no version {version}", param="version")
+    return adapter, row
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

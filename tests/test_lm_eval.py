@@ -22,6 +22,8 @@ import torch
 import lm_eval_task
 import tiny
 
+from hotpeft.trainer.benchmark import LM_EVAL_MAIN
+
 TOL = 1e-3  # absolute, on a choice's summed log-likelihood (float32 throughout)
 MARGIN = 1e-2  # the reference's best choice beats the next by more than this, so TOL cannot flip a prediction
 ADAPTER = "lora-attn"
@@ -116,22 +118,7 @@ def references(models, task):
     return refs
 
 
-# lm-eval's own command line (its `python -m lm_eval` entry point and argument parser), with one change: the
-# task manager indexes only --include_path, not lm-eval's ~14,000 task files (6 s of every run on this CPU).
-CLI = """
-import lm_eval.tasks
-from lm_eval.__main__ import cli_evaluate
-
-
-class IncludedTasksOnly(lm_eval.tasks.TaskManager):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("include_defaults", False)
-        super().__init__(*args, **kwargs)
-
-
-lm_eval.tasks.TaskManager = IncludedTasksOnly
-cli_evaluate()
-"""
+CLI = LM_EVAL_MAIN  # lm-eval's command line, indexing only --include_path (as `hotpeft eval --benchmark`)
 
 
 def run_lm_eval(task: dict, out: Path, model: str, model_args: dict, *extra: str) -> tuple[dict, list[dict]]:
