@@ -4,6 +4,7 @@ each version's evaluation figures with a button to promote it."""
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,24 @@ def _metrics(rouge_l: float, retention: float, benchmark: float, tasks: tuple[st
     }
 
 
+@contextmanager
+def _dashboard(chromium: str, url: str, errors: list[str], outside: list[str]):
+    """The dashboard open in headless Chromium; console errors and requests leaving `url` are collected."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith(url) else outside.append(r.url))
+            page.goto(url + "/dashboard")
+            yield page
+        finally:
+            browser.close()
+
+
 def test_dashboard_data_has_every_adapter_with_traffic(tiny_server, client):
     for model in ("tiny-llama", "lora-attn", "soft"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
@@ -48,39 +67,28 @@ def test_dashboard_data_has_every_adapter_with_traffic(tiny_server, client):
 
 def test_dashboard_in_headless_chromium(tiny_server, client):
     chromium = _chromium()
-    from playwright.sync_api import sync_playwright
-
     for model in ("tiny-llama", "lora-attn", "soft"):
         for _ in range(2):
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     errors: list[str] = []
     outside: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: None if r.url.startswith(tiny_server.url) else outside.append(r.url))
-            page.goto(tiny_server.url + "/dashboard")
-            page.wait_for_selector("#ttft path[data-adapter='soft']", state="attached", timeout=15000)
-            drawn = set(page.eval_on_selector_all("#ttft path", "ps => ps.map(p => p.dataset.adapter)"))
-            assert {"tiny-llama", "lora-attn", "soft"} <= drawn
-            assert set(page.eval_on_selector_all("#tps path", "ps => ps.map(p => p.dataset.adapter)")) >= drawn
-            assert page.inner_text("#running") == "0"
-            assert "device" in page.inner_text("#tiers") and " ms" in page.text_content("#ttft")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            # the adapter filter keeps one adapter's lines
-            page.select_option("#filter", "lora-attn")
-            page.wait_for_function("() => [...document.querySelectorAll('#ttft path')]"
-                                   ".every(p => p.dataset.adapter === 'lora-attn')", timeout=10000)
-            # it keeps refreshing on its own (every 2 s)
-            first = page.inner_text("#status")
-            page.wait_for_function(f"() => document.querySelector('#status').textContent !== {first!r}",
-                                   timeout=10000)
-        finally:
-            browser.close()
+    with _dashboard(chromium, tiny_server.url, errors, outside) as page:
+        page.wait_for_selector("#ttft path[data-adapter='soft']", state="attached", timeout=15000)
+        drawn = set(page.eval_on_selector_all("#ttft path", "ps => ps.map(p => p.dataset.adapter)"))
+        assert {"tiny-llama", "lora-attn", "soft"} <= drawn
+        assert set(page.eval_on_selector_all("#tps path", "ps => ps.map(p => p.dataset.adapter)")) >= drawn
+        assert page.inner_text("#running") == "0"
+        assert "device" in page.inner_text("#tiers") and " ms" in page.text_content("#ttft")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        # the adapter filter keeps one adapter's lines
+        page.select_option("#filter", "lora-attn")
+        page.wait_for_function("() => [...document.querySelectorAll('#ttft path')]"
+                               ".every(p => p.dataset.adapter === 'lora-attn')", timeout=10000)
+        # it keeps refreshing on its own (every 2 s)
+        first = page.inner_text("#status")
+        page.wait_for_function(f"() => document.querySelector('#status').textContent !== {first!r}",
+                               timeout=10000)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     assert errors == [] and outside == []
 
@@ -93,7 +101,6 @@ def test_dashboard_quality_panel_shows_each_version_and_promotes(tiny_server):
 
     chromium = _chromium()
     from conftest import wait_for
-    from playwright.sync_api import sync_playwright
 
     from hotpeft.adapters.registry import AdapterRegistry, NewVersion
 
@@ -115,41 +122,32 @@ def test_dashboard_quality_panel_shows_each_version_and_promotes(tiny_server):
         # the server's registry watcher polls every 0.5 s
         wait_for(lambda: len(httpx.get(adapter_url).json().get("versions", [])) == 2, 15,
                  what=f"the server listing both versions of {QUALITY}")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("request", lambda r: None if r.url.startswith(tiny_server.url) else outside.append(r.url))
-                page.goto(tiny_server.url + "/dashboard")
-                page.wait_for_selector(f"#quality-adapter option[value='{QUALITY}']", state="attached", timeout=15000)
-                page.select_option("#quality-adapter", QUALITY)
-                page.wait_for_selector("#quality tr[data-version='2'].active", timeout=10000)
-                rows = {v: page.inner_text(f"#quality tr[data-version='{v}']") for v in (1, 2)}
-                assert "<b>first</b> & plain" in rows[1]  # the description as text, not as markup
-                assert "lora" in rows[1] and "12,288" in rows[1]
-                assert "0.412 (+0.212)" in rows[1] and "0.500 (+0.300)" in rows[2]  # ROUGE-L and its change
-                assert "1.250 (\u22121.250)" in rows[1]  # loss, lower than the base's
-                assert "0.85 (\u22120.05)" in rows[1] and "0.70 (\u22120.20)" in rows[2]  # retention and its drop
-                assert "summarize: rougeL 0.41 / em 0.25" in rows[1]
-                assert "arc_easy acc 0.55 (base 0.40)" in rows[1] and "arc_easy acc 0.60 (base 0.40)" in rows[2]
-                assert page.inner_text("#quality tr[data-version='2'] td.forgot") == "0.70 (\u22120.20)"
-                assert page.query_selector("#quality tr[data-version='1'] td.forgot") is None  # a drop of 0.05
-                assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["2"]
-                assert "\u25cf active" in rows[2] and "active" not in rows[1]
-                assert page.query_selector("#quality tr[data-version='2'] button") is None
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.locator("#quality-card").screenshot(path=str(ARTIFACTS / "dashboard-quality.png"))
+        with _dashboard(chromium, tiny_server.url, errors, outside) as page:
+            page.wait_for_selector(f"#quality-adapter option[value='{QUALITY}']", state="attached", timeout=15000)
+            page.select_option("#quality-adapter", QUALITY)
+            page.wait_for_selector("#quality tr[data-version='2'].active", timeout=10000)
+            rows = {v: page.inner_text(f"#quality tr[data-version='{v}']") for v in (1, 2)}
+            assert "<b>first</b> & plain" in rows[1]  # the description as text, not as markup
+            assert "lora" in rows[1] and "12,288" in rows[1]
+            assert "0.412 (+0.212)" in rows[1] and "0.500 (+0.300)" in rows[2]  # ROUGE-L and its change
+            assert "1.250 (\u22121.250)" in rows[1]  # loss, lower than the base's
+            assert "0.85 (\u22120.05)" in rows[1] and "0.70 (\u22120.20)" in rows[2]  # retention and its drop
+            assert "summarize: rougeL 0.41 / em 0.25" in rows[1]
+            assert "arc_easy acc 0.55 (base 0.40)" in rows[1] and "arc_easy acc 0.60 (base 0.40)" in rows[2]
+            assert page.inner_text("#quality tr[data-version='2'] td.forgot") == "0.70 (\u22120.20)"
+            assert page.query_selector("#quality tr[data-version='1'] td.forgot") is None  # a drop of 0.05
+            assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["2"]
+            assert "\u25cf active" in rows[2] and "active" not in rows[1]
+            assert page.query_selector("#quality tr[data-version='2'] button") is None
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("#quality-card").screenshot(path=str(ARTIFACTS / "dashboard-quality.png"))
 
-                page.click("#quality tr[data-version='1'] button")
-                page.wait_for_selector("#quality tr[data-version='1'].active", timeout=10000)
-                assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["1"]
-                assert "\u25cf active" in page.inner_text("#quality tr[data-version='1']")
-                assert page.inner_text("#quality tr[data-version='2'] button") == "Promote"
-                assert httpx.get(adapter_url).json()["active_version"] == 1
-            finally:
-                browser.close()
+            page.click("#quality tr[data-version='1'] button")
+            page.wait_for_selector("#quality tr[data-version='1'].active", timeout=10000)
+            assert page.eval_on_selector_all("#quality tr.active", "rs => rs.map(r => r.dataset.version)") == ["1"]
+            assert "\u25cf active" in page.inner_text("#quality tr[data-version='1']")
+            assert page.inner_text("#quality tr[data-version='2'] button") == "Promote"
+            assert httpx.get(adapter_url).json()["active_version"] == 1
     finally:
         httpx.delete(adapter_url, timeout=30)
     assert QUALITY not in {m["id"] for m in httpx.get(tiny_server.url + "/v1/models").json()["data"]}

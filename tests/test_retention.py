@@ -116,6 +116,18 @@ def test_a_multi_task_adapter_keeps_what_the_base_knew(setup):
     assert metrics["data"]["tasks"]["replay"]["train_examples"] == len(FACTS)
 
 
+def test_eval_scores_retention_beside_the_task(setup):
+    """`hotpeft eval` on the adapter the multi-task test registered: the base and it on the facts."""
+    done = hotpeft("eval", "--model", str(setup["base"]), "--home", str(setup["home"]), "--adapter", "mixed",
+                   "--data", str(setup["narrow"]), "--retention", str(setup["facts"]), "--max-new-tokens", "8",
+                   "--threads", "1", "--no-progress", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    columns = json.loads(done.stdout)
+    assert columns["base"]["retention"] == 1.0 and columns["base"]["retention_set"]["items"] == 12
+    assert columns["mixed@1"]["retention_drop"] <= 0.1
+    assert columns["mixed@1"]["retention"] == columns["mixed@1"]["retention_set"]["adapter"]
+
+
 def test_a_fine_tuning_job_fails_with_code_forgetting(setup, tmp_path):
     server = ServerProcess(["--model", str(setup["base"]), "--dtype", "float32"], tmp_path / "home")
     try:

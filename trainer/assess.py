@@ -64,24 +64,32 @@ def assess(model, tokenizer, prepared: dict[str, Prepared], items: list[ret.Item
         title = label if len(prepared) == 1 else f"{label}: {name}"
         tasks[name] = evaluate(model, tokenizer, p.valid, **common,
                                progress=lambda done, total, t=title: progress(t, done, total))
-    asked = list(range(len(items)))
-    if base is not None and filtered:  # the default set: only what the base answered right counts
-        asked = [i for i, ok in enumerate(base.retention_ok) if ok]
-    ok = [False] * len(items)
-    if asked:
-        title, done = f"{label}: retention", [0]
-        progress(title, 0, len(asked))
-
-        def on_batch(n: int) -> None:
-            done[0] += n
-            progress(title, done[0], len(asked))
-
-        replies = answers(model, tokenizer, [items[i] for i in asked], device=common["device"],
-                              eos_ids=common["eos_ids"], pad=common["pad"], max_new_tokens=RETENTION_NEW_TOKENS,
-                              should_stop=common.get("should_stop", lambda: False), on_batch=on_batch)
-        for i, answer in zip(asked, replies):
-            ok[i] = answer
+    ok = retained(model, tokenizer, items, base_ok=None if base is None else base.retention_ok, filtered=filtered,
+                  common=common, progress=lambda done, total: progress(f"{label}: retention", done, total))
     return Assessment(tasks, ok)
+
+
+def retained(model, tokenizer, items: list[ret.Item], *, base_ok: list[bool] | None, filtered: bool, common: dict,
+             progress=lambda done, total: None) -> list[bool]:
+    """Which retention items `model` answers right (False where not asked). With the base's answers
+    (`base_ok`) and a filtered set (the default one), only the items the base answered right are asked."""
+    asked = [i for i in range(len(items)) if base_ok is None or not filtered or base_ok[i]]
+    ok = [False] * len(items)
+    if not asked:
+        return ok
+    done = [0]
+    progress(0, len(asked))
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        progress(done[0], len(asked))
+
+    replies = answers(model, tokenizer, [items[i] for i in asked], device=common["device"],
+                      eos_ids=common["eos_ids"], pad=common["pad"], max_new_tokens=RETENTION_NEW_TOKENS,
+                      should_stop=common.get("should_stop", lambda: False), on_batch=on_batch)
+    for i, right in zip(asked, replies):
+        ok[i] = right
+    return ok
 
 
 def answers(model, tokenizer, items: list[ret.Item], *, device, eos_ids: list[int], pad: int,

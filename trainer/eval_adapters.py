@@ -10,7 +10,7 @@ from hotpeft.adapters.errors import AdapterError
 from hotpeft.model.load import eos_ids, load_base
 from hotpeft.trainer import data as data_mod
 from hotpeft.trainer import retention as ret
-from hotpeft.trainer.assess import RETENTION_NEW_TOKENS, answers, retention_set
+from hotpeft.trainer.assess import retained, retention_set
 from hotpeft.trainer.errors import ConfigInvalid, DatasetInvalid
 from hotpeft.trainer.evaluate import GEN_METRICS, evaluate, format_table
 from hotpeft.trainer.env import TrainerEnv
@@ -56,30 +56,18 @@ def evaluate_adapters(env: TrainerEnv, adapters: list[str], path: Path, *, templ
     base_label = "base" + ("" if base.quantization == "none" else f" ({base.quantization})")
     columns = {base_label: evaluate(base.model, base.tokenizer, examples, **common,
                                     progress=lambda done, total: progress(base_label, done, total))}
-    base_ok = _retained(base.model, base.tokenizer, kept, None, common)
+    base_ok = retained(base.model, base.tokenizer, kept[1], base_ok=None, filtered=kept[2], common=common)
     _with_retention(columns[base_label], kept, base_ok, base_ok, base=True)
     model = base.model
     for record, folder in resolved:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=record.name)
         columns[record.key] = evaluate(peft_model, base.tokenizer, examples, **common,
                                        progress=lambda done, total, key=record.key: progress(key, done, total))
-        ok = _retained(peft_model, base.tokenizer, kept, base_ok, common)
+        ok = retained(peft_model, base.tokenizer, kept[1], base_ok=base_ok, filtered=kept[2], common=common)
         _with_retention(columns[record.key], kept, base_ok, ok, base=False)
         # LoRA layers were injected into the base: take them out before the next adapter.
         model = peft_model.unload() if record.kind == "lora" else peft_model.get_base_model()
     return format_table(columns), columns
-
-
-def _retained(model, tokenizer, kept: tuple[str, list, bool], base_ok: list[bool] | None, common: dict) -> list[bool]:
-    """Which retention items `model` answers right; for the default set, only those the base did are asked."""
-    name, items, filtered = kept
-    asked = [i for i in range(len(items)) if base_ok is None or not filtered or base_ok[i]]
-    ok = [False] * len(items)
-    replies = answers(model, tokenizer, [items[i] for i in asked], device=common["device"], eos_ids=common["eos_ids"],
-                      pad=common["pad"], max_new_tokens=RETENTION_NEW_TOKENS) if asked else []
-    for i, right in zip(asked, replies):
-        ok[i] = right
-    return ok
 
 
 def _with_retention(column: dict, kept: tuple[str, list, bool], base_ok: list[bool], ok: list[bool], *,
