@@ -111,8 +111,8 @@ def report(cfg: TrainConfig, tasks: list[Task], retention: tuple[str, list[ret.I
     metrics: dict = {"base": base_overall, "adapter": tuned_overall, "training": training}
     table = format_table({base_label: base_overall, cfg.name: {**tuned_overall, **training}})
     if len(tasks) > 1:
-        metrics["tasks"] = {t.name: {"weight": t.weight, "base": _flat(base.tasks[t.name]),
-                                     "adapter": _flat(tuned.tasks[t.name])} for t in tasks}
+        metrics["tasks"] = {t.name: {"weight": t.weight, "base": without_samples(base.tasks[t.name]),
+                                     "adapter": without_samples(tuned.tasks[t.name])} for t in tasks}
         table = "all tasks (mean over tasks):\n" + table
         for t in tasks:
             table += (f"\n\ntask {t.name} (weight {t.weight:g}):\n"
@@ -163,5 +163,6 @@ def check_gates(cfg: TrainConfig, metrics: dict) -> None:
                          f"{cfg.max_forgetting:g}", param="max_forgetting")
 
 
-def _flat(metrics: dict) -> dict:
+def without_samples(metrics: dict) -> dict:
+    """Metrics without the generated samples stored beside them."""
     return {k: v for k, v in metrics.items() if k != "samples"}

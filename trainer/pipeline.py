@@ -25,7 +25,7 @@ from hotpeft.adapters.store import open_store, pid_alive
 from hotpeft.model.load import LoadedBase, default_device, eos_ids
 from hotpeft.model.source import CONVERSION_NOTE, ModelSource, ModelUnavailable, needs_conversion, resolve_model
 from hotpeft.trainer import data as data_mod
-from hotpeft.trainer.assess import assess, check_gates, check_measurable, report, retention_set
+from hotpeft.trainer.assess import assess, check_gates, check_measurable, report, retention_set, without_samples
 from hotpeft.trainer.config import FULL, TrainConfig
 from hotpeft.trainer.env import TrainerEnv
 from hotpeft.trainer.errors import ConfigInvalid, JobCancelled
@@ -132,7 +132,7 @@ def run_training(cfg: TrainConfig, data: Path | list[Task], valid_path: Path | N
         training = _training_figures(cfg, stats, base, model, out)
         metrics, table = report(cfg, tasks, retention, before, after, training, base_label)
         metrics["data"] = _data_figures(prepared, tasks)
-        events("Evaluation:\n" + table, {"base": _flat(metrics["base"]), "adapter": _flat(metrics["adapter"]),
+        events("Evaluation:\n" + table, {"base": without_samples(metrics["base"]), "adapter": without_samples(metrics["adapter"]),
                                           "retention": metrics.get("retention")})
         if not register:
             return TrainOutcome(None, metrics, table)
@@ -230,7 +230,3 @@ def _training_figures(cfg: TrainConfig, stats, base: LoadedBase, model, out: Pat
         else sum(p.numel() * p.element_size() for p in model.parameters()),
         "base_precision": base.quantization, "device": base.device.type,
     }
-
-
-def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "samples"}
